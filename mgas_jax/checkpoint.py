@@ -1,0 +1,137 @@
+"""Orbax checkpoints of a training state, with a JSON of metadata, and the same-run check.
+
+A checkpoint at step `s` (the trainer uses the number of finished epochs) holds two items:
+
+- `state`: the state pytree (a flax.struct.dataclass such as train.TrainState), saved with
+  `ocp.args.StandardSave`. Typed PRNG keys are stored as their raw `key_data` and rewrapped on
+  restore, so any state with a `jax.random.key` field round-trips;
+- `meta`: a small JSON dict, e.g. {'epoch': 3, 'step': 1200, 'config_hash': '...', 'config': {...}}.
+
+Resuming is only correct when the checkpoint was written by the same experiment. `check_same_run`
+compares the stored config hash with the current one and raises `ConfigMismatchError` naming both
+workdir contents and the differing keys.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def quiet_orbax_logs() -> None:
+    """Drops orbax's INFO lines (a dozen per save) from the absl log; its warnings and errors stay."""
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record):
+            return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+    for name in ("absl", ""):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Filter) for f in logger.filters):
+            logger.addFilter(_Filter())
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds checkpoints of a different config."""
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def keys_to_data(tree: Any) -> Any:
+    """Typed PRNG keys -> their uint32 key data (what orbax stores)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with the leaves' shardings) to restore into; keys as key data."""
+    def leaf(x):
+        if _is_key(x):
+            x = jax.random.key_data(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    return jax.tree.map(leaf, tree)
+
+
+def data_to_keys(restored: Any, like: Any) -> Any:
+    """Rewraps the leaves that are typed keys in `like` (same structure as `restored`)."""
+    return jax.tree.map(lambda r, x: jax.random.wrap_key_data(r, impl=jax.random.key_impl(x)) if _is_key(x) else r,
+                        restored, like)
+
+
+class Checkpointer:
+    """An orbax CheckpointManager over `directory` keeping the latest `max_to_keep` steps.
+
+    Args:
+      directory: created if missing (absolute path; orbax needs one).
+      max_to_keep: older checkpoints are deleted after each save.
+    """
+
+    def __init__(self, directory: str, *, max_to_keep: int):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Saves (asynchronously; `wait`/`close` block until written)."""
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)),
+                                                         meta=ocp.args.JsonSave(meta)))
+
+    def meta(self, step: Optional[int] = None) -> dict:
+        """The metadata dict of `step` (default: the latest)."""
+        step = self.latest_step() if step is None else step
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def restore(self, step: int, like: Any) -> Any:
+        """The state of `step`, with the structure, dtypes and shardings of `like`."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(like)))).state
+        return data_to_keys(restored, like)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def diff_dicts(old: dict, new: dict, path: str = "") -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs (nested dicts)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{path}.{key}" if path else key
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(diff_dicts(a, b, dotted))
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out
+
+
+def check_same_run(meta: dict, config_hash: str, config: dict, workdir: str) -> None:
+    """Raises ConfigMismatchError when checkpoint metadata `meta` belongs to another config.
+
+    Args:
+      meta: the stored metadata, with 'config_hash' and 'config'.
+      config_hash, config: the current run's hash and semantic config dict (config.semantic_dict).
+      workdir: named in the message.
+    """
+    if meta.get("config_hash") == config_hash:
+        return
+    changes = diff_dicts(meta.get("config", {}), config)
+    detail = "; ".join(changes[:20]) + ("; ..." if len(changes) > 20 else "") if changes else "no key differs"
+    raise ConfigMismatchError(
+        f"workdir {workdir!r} holds checkpoints (epoch {meta.get('epoch')}) of a different config: "
+        f"stored hash {meta.get('config_hash')} vs this run's {config_hash} (stored -> now: {detail}). "
+        f"Use another --workdir to start this config, or delete {workdir!r} to discard the old run; "
+        f"to resume the old run, run it with its original config.")

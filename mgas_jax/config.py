@@ -1,0 +1,435 @@
+"""Validation of a whole experiment config before any compute.
+
+Every key a config may hold is declared here, per section, as a `Field(type, check, doc)`:
+
+    SCHEMA['train']['batch_size'] = Field(int, positive, "GLOBAL batch size, summed over all devices.")
+
+`validate(config)` walks the config against `SCHEMA` and raises `ConfigError` (a ValueError) naming
+the dotted key (`train.batch_size`), the value, and what is allowed, for
+
+- a key the schema does not know (with the keys that exist and the closest match),
+- a declared key the config lacks,
+- a value of the wrong type,
+- a value outside its allowed set or range (a check on that one value),
+- a combination that cannot run (a cross-check on the whole config; see `CROSS_CHECKS`).
+
+Adding a section is adding entries: `SCHEMA['search'] = {'ops': Field(tuple, op_list(), '...'), ...}`
+and, for rules that involve several keys, `CROSS_CHECKS.append(fn)`. Nothing else changes.
+
+`config_hash(config)` hashes the *semantic* keys only (those whose Field has `semantic=True`, the
+default), so that flipping a progress bar or a logging interval does not make a resumed run look
+like a different experiment (see checkpoint.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import ml_collections
+
+from mgas_jax import modes
+
+# A check takes a value (already of the declared type) and returns None when it is fine, or a short
+# description of what is allowed ("must be > 0") when it is not.
+Check = Callable[[Any], Optional[str]]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the dotted key and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config key.
+
+    Attributes:
+      type: the accepted Python type(s). `float` also accepts ints; `int` never accepts bools;
+        `tuple` also accepts lists. Add `type(None)` to allow None.
+      check: optional value check (see the factories below); runs only on values of the right type
+        that are not None.
+      doc: one line on what the key does (shown in errors about the key).
+      semantic: False for keys that do not change the numbers a run produces (logging, progress bars,
+        how many checkpoints to keep); they are left out of `config_hash`.
+    """
+    type: Union[type, tuple]
+    check: Optional[Check] = None
+    doc: str = ""
+    semantic: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks. Each factory returns a Check; the string it returns completes "<key> = <value>: ...".
+
+def one_of(*allowed: Any) -> Check:
+    """The value must be one of `allowed`."""
+    def check(value):
+        if value not in allowed:
+            near = difflib.get_close_matches(value, [a for a in allowed if isinstance(a, str)], n=1) \
+                if isinstance(value, str) else []
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            return f"must be one of {', '.join(repr(a) for a in allowed)}{hint}"
+        return None
+    return check
+
+
+def in_range(low: Optional[float] = None, high: Optional[float] = None, *,
+             low_open: bool = False, high_open: bool = False) -> Check:
+    """low <= value <= high (strict on the open ends); None leaves that end unbounded."""
+    def check(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            if high is None:
+                return f"must be {'>' if low_open else '>='} {low}"
+            if low is None:
+                return f"must be {'<' if high_open else '<='} {high}"
+            left = "(" if low_open else "["
+            right = ")" if high_open else "]"
+            return f"must lie in {left}{low}, {high}{right}"
+        return None
+    return check
+
+
+positive = in_range(0, low_open=True)
+non_negative = in_range(0)
+fraction = in_range(0, 1, low_open=True)          # (0, 1]
+probability = in_range(0, 1, high_open=True)      # [0, 1)
+
+
+def each(check: Check) -> Check:
+    """Applies `check` to every element of a tuple/list value."""
+    def run(values):
+        for i, value in enumerate(values):
+            problem = check(value)
+            if problem:
+                return f"element {i} ({value!r}) {problem}"
+        return None
+    return run
+
+
+def op_list(allowed: Optional[Sequence[str]] = None, *, allow_empty: bool = False) -> Check:
+    """A tuple of op names, each one of `allowed` (default: the 7 MGAS candidate ops, ops.OPS)."""
+    def check(values):
+        from mgas_jax import ops as ops_lib  # lazy: the op table lives with the ops
+        names = tuple(ops_lib.OPS if allowed is None else allowed)
+        if not values and not allow_empty:
+            return f"must name at least one op of {', '.join(names)}"
+        for value in values:
+            if value not in names:
+                near = difflib.get_close_matches(str(value), names, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                return f"has unknown op {value!r}{hint}; the allowed ops are {', '.join(names)}"
+        if len(set(values)) != len(values):
+            return "lists an op twice"
+        return None
+    return check
+
+
+def genotype_check(value: str) -> Optional[str]:
+    """A registered genotype name or a DARTS `Genotype(...)` string that genotype.py can parse."""
+    from mgas_jax import genotype as genotype_lib  # lazy: parsing belongs to genotype.py
+    try:
+        genotype_lib.get_genotype(value)
+    except (ValueError, TypeError, SyntaxError, KeyError) as e:
+        return f"is not a usable genotype: {e}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The schema. A value that is a dict is a section; a Field is a key. The lead adds
+# SCHEMA['search'] and SCHEMA['export'] the same way.
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
+DTYPES = ("float32", "bfloat16")
+LR_SCHEDULES = ("cosine", "step")
+
+SCHEMA: dict[str, Any] = {
+    "mode": Field(str, one_of(*modes.MODE_NAMES), "what to run (see mgas_jax/modes.py)", semantic=False),
+    "seed": Field(int, non_negative, "seeds parameters, data order, augmentation and drop-path"),
+    "data": {
+        "name": Field(str, one_of(*DATASETS), "data set"),
+        "data_dir": Field((str, type(None)), None, "where TFDS data sets are prepared (None = TFDS default)",
+                          semantic=False),
+        "val_size": Field(int, non_negative, "training examples held out as the validation split"),
+        "train_fraction": Field(float, fraction, "class-balanced fraction of the training split used"),
+        "image_size": Field(int, positive, "side of the (square) images fed to the network"),
+        "num_classes": Field(int, non_negative, "classes (0 = the data set's own count)"),
+        "synthetic_size": Field(int, positive, "examples of the 'synthetic' data set"),
+        "crop_padding": Field(int, non_negative, "random crop after zero padding by this much (0 = off)"),
+        "flip": Field(bool, None, "random horizontal flips"),
+        "cutout": Field(int, non_negative, "Cutout square side in pixels (0 = off)"),
+        "autoaugment": Field(bool, None, "AutoAugment (CIFAR policy)"),
+    },
+    "model": {
+        "init_channels": Field(int, positive, "C, the width of the first cells"),
+        "layers": Field(int, in_range(3), "cells L; reductions at L//3 and 2L//3 need L >= 3"),
+        "stem_multiplier": Field(int, positive, "stem conv outputs stem_multiplier * C channels"),
+        "genotype": Field(str, genotype_check, "genotype name (genotype.py) or DARTS Genotype(...) string"),
+        "auxiliary": Field(bool, None, "auxiliary head after cell 2L//3"),
+        "auxiliary_weight": Field(float, non_negative, "weight of the auxiliary loss"),
+        "drop_path": Field(float, probability, "final drop-path rate, ramped linearly from 0"),
+        "pool_bn": Field(bool, None, "BatchNorm after pooling ops (retraining network)"),
+        "imagenet_stem": Field(bool, None, "the DARTS ImageNet stem (two stride-2 stages)"),
+        "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)"),
+    },
+    "train": {
+        "epochs": Field(int, positive, "training epochs"),
+        "batch_size": Field(int, positive, "GLOBAL batch size, split over all devices"),
+        "eval_batch_size": Field(int, positive, "GLOBAL evaluation batch size"),
+        "steps_per_epoch": Field(int, non_negative, "cap on steps per epoch (0 = full epoch)"),
+        "lr": Field(float, positive, "initial learning rate"),
+        "lr_schedule": Field(str, one_of(*LR_SCHEDULES), "cosine: lr -> lr_min; step: x decay_rate"),
+        "lr_min": Field(float, non_negative, "final learning rate of the cosine schedule"),
+        "lr_decay_rate": Field(float, fraction, "step schedule: factor per lr_decay_epochs"),
+        "lr_decay_epochs": Field(int, positive, "step schedule: epochs between decays"),
+        "momentum": Field(float, probability, "SGD momentum"),
+        "nesterov": Field(bool, None, "Nesterov momentum"),
+        "weight_decay": Field(float, non_negative, "L2 weight decay added to the gradient"),
+        "grad_clip": Field(float, non_negative, "global gradient-norm clip (0 = off)"),
+        "label_smoothing": Field(float, probability, "label smoothing of the cross-entropy"),
+        "eval_every_epochs": Field(int, non_negative, "validation every N epochs (0 = never)",
+                                   semantic=False),
+        "keep_checkpoints": Field(int, positive, "checkpoints kept in workdir", semantic=False),
+        "log_every_steps": Field(int, positive, "steps between training-metric log lines",
+                                 semantic=False),
+        "progress": Field(bool, None, "tqdm progress bar per epoch", semantic=False),
+    },
+}
+
+
+IMPLS = ("auto", "lax", "shift")
+
+SCHEMA["search"] = {
+    "val_size": Field(int, non_negative, "training examples held out as validation while searching"),
+    "train_fraction": Field(float, fraction, "class-balanced share of the training split searched on"),
+    "autoaugment": Field(bool, None, "AutoAugment (CIFAR policy) while searching"),
+    "init_channels": Field(int, positive, "C of the super-net"),
+    "layers": Field(int, in_range(3), "cells of the super-net; 3 stages need L >= 3"),
+    "steps": Field(int, in_range(1, 8), "intermediate nodes per cell (4: 14 edges)"),
+    "stem_multiplier": Field(int, positive, "stem conv outputs stem_multiplier * C channels"),
+    "batch_size": Field(int, positive, "GLOBAL search batch, split over all devices"),
+    "eval_batch_size": Field(int, positive, "GLOBAL batch of the validation passes"),
+    "steps_per_epoch": Field(int, non_negative, "cap on steps per epoch (0 = full epoch)"),
+    "lr": Field(float, positive, "SGD learning rate of the network weights"),
+    "momentum": Field(float, probability, "SGD momentum of every group"),
+    "weight_decay": Field(float, non_negative, "weight decay of the network weights"),
+    "grad_clip": Field(float, non_negative, "gradient-norm clip of the network weights (0 = off)"),
+    "alpha_lr": Field(float, non_negative, "learning rate of the op scores alpha"),
+    "beta_lr": Field(float, non_negative, "learning rate of the filter scores beta"),
+    "threshold_lr": Field(float, non_negative, "learning rate of t_op, t_k and preprocess thresholds"),
+    "weight_threshold_lr": Field(float, non_negative, "learning rate of the weight thresholds t_w"),
+    "lambda0": Field(float, positive, "first increment of the adaptive lambda"),
+    "lambda_c0": Field(float, in_range(1, low_open=True), "growth/shrink factor of lambda (> 1)"),
+    "lambda_n": Field(int, positive, "n of the lambda rule: >= 4n pruned backs off, < 2n pushes"),
+    "lambda_cap": Field(float, positive, "upper bound of lambda"),
+    "warmup_epochs": Field(int, non_negative, "weight-only epochs at each stage start"),
+    "commit_every": Field(int, positive, "epochs between mask commits"),
+    "stage_size_ratio": Field(float, fraction, "a stage ends below ratio x its starting size"),
+    "max_stage_epochs": Field(int, positive, "cap on the pruning epochs of a stage"),
+    "final_size_floor": Field(int, non_negative, "the final phase ends below this size proxy"),
+    "final_max_epochs": Field(int, positive, "cap on the epochs of the final phase"),
+    "regrow_fraction": Field(float, in_range(0, 1), "share of a stage's pruned ops regrown after stages 2, 3"),
+    "bilevel": Field(bool, None, "first-order bilevel variant (arch steps on the validation split)"),
+    "filter_level": Field(bool, None, "search filters (False: operation level only)"),
+    "weight_level": Field(bool, None, "search individual weights"),
+    "eval_records": Field(bool, None, "validation accuracy of every final-phase record"),
+    "impl": Field(str, one_of(*IMPLS), "depthwise conv formulation"),
+    "remat": Field(bool, None, "rematerialise cells in the backward pass"),
+    "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)"),
+    "keep_checkpoints": Field(int, positive, "search checkpoints kept", semantic=False),
+    "progress": Field(bool, None, "tqdm bar per epoch", semantic=False),
+}
+
+SCHEMA["export"] = {
+    "targets": Field(tuple, each(in_range(1)), "parameter budgets (non-zero, aux excluded) to export"),
+    "architecture": Field((str, type(None)), None,
+                          "mode=retrain/evaluate: the exported architecture JSON (None: every export of "
+                          "the search in workdir/search/export)"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-checks: functions of (config, device_count) that raise ConfigError. Append to extend.
+
+def _check_batches(config, device_count: int) -> None:
+    # Each batch is split evenly over the 'data' axis of the device mesh (parallel.py).
+    for key in ("batch_size", "eval_batch_size"):
+        value = config.train[key]
+        if value % device_count:
+            raise ConfigError(
+                f"train.{key} = {value}: must be divisible by the number of devices ({device_count}); "
+                f"use a multiple of {device_count}, e.g. {max(device_count, value // device_count * device_count)}")
+
+
+def _check_schedule(config, device_count: int) -> None:
+    del device_count
+    if config.train.lr_schedule == "cosine" and config.train.lr_min > config.train.lr:
+        raise ConfigError(f"train.lr_min = {config.train.lr_min}: must be <= train.lr ({config.train.lr})")
+
+
+def _check_search(config, device_count: int) -> None:
+    if "search" not in config:
+        return
+    for key in ("batch_size", "eval_batch_size"):
+        value = config.search[key]
+        if value % device_count:
+            raise ConfigError(f"search.{key} = {value}: must be divisible by the number of devices ({device_count})")
+    if config.search.bilevel and config.data.val_size == 0:
+        raise ConfigError("search.bilevel = True needs a validation split for the architecture steps: "
+                          "set data.val_size > 0")
+    if config.search.init_channels * config.search.stem_multiplier < 1:
+        raise ConfigError("search.init_channels * search.stem_multiplier must be positive")
+
+
+CROSS_CHECKS: list[Callable[[Any, int], None]] = [_check_batches, _check_schedule, _check_search]
+
+
+# --------------------------------------------------------------------------------------------------
+
+def _type_name(t) -> str:
+    types = t if isinstance(t, tuple) else (t,)
+    return " or ".join("None" if x is type(None) else x.__name__ for x in types)
+
+
+def _type_ok(value, t) -> bool:
+    types = t if isinstance(t, tuple) else (t,)
+    for x in types:
+        if x is type(None) and value is None:
+            return True
+        if x is bool and isinstance(value, bool):
+            return True
+        if x is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if x is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if x is tuple and isinstance(value, (tuple, list)):
+            return True
+        if x not in (bool, int, float, tuple, type(None)) and isinstance(value, x):
+            return True
+    return False
+
+
+def _is_section(value) -> bool:
+    return isinstance(value, (ml_collections.ConfigDict, dict))
+
+
+def _unknown_key(path: str, key: str, known: Sequence[str]) -> ConfigError:
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean {_join(path, near[0])!r}?" if near else ""
+    where = f"section {path!r}" if path else "the top level"
+    return ConfigError(f"{_join(path, key)}: unknown key.{hint} The keys of {where} are: "
+                       f"{', '.join(sorted(known))}.")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _walk(config, schema: dict, path: str) -> None:
+    keys = list(config.keys())
+    for key in keys:
+        if key not in schema:
+            raise _unknown_key(path, key, list(schema))
+    for key, spec in schema.items():
+        dotted = _join(path, key)
+        if key not in keys:
+            kind = "section" if isinstance(spec, dict) else "key"
+            doc = "" if isinstance(spec, dict) else f" ({spec.doc})"
+            raise ConfigError(f"{dotted}: missing {kind}{doc}; add it to configs/default.py or to your config.")
+        value = config[key]
+        if isinstance(spec, dict):
+            if not _is_section(value):
+                raise ConfigError(f"{dotted} = {value!r}: must be a section (ConfigDict) with keys "
+                                  f"{', '.join(sorted(spec))}")
+            _walk(value, spec, dotted)
+            continue
+        if _is_section(value):
+            raise ConfigError(f"{dotted}: is a section, but must be a value of type {_type_name(spec.type)} "
+                              f"({spec.doc})")
+        if not _type_ok(value, spec.type):
+            raise ConfigError(f"{dotted} = {value!r}: must be of type {_type_name(spec.type)}, not "
+                              f"{type(value).__name__} ({spec.doc})")
+        if spec.check is not None and value is not None:
+            problem = spec.check(value)
+            if problem:
+                raise ConfigError(f"{dotted} = {value!r}: {problem} ({spec.doc})")
+
+
+def validate(config, *, device_count: Optional[int] = None) -> None:
+    """Raises ConfigError for the first problem found in `config`; returns None when it can run.
+
+    Args:
+      config: the whole experiment ConfigDict (or a plain nested dict).
+      device_count: devices the batch is split over; default jax.device_count() (all processes).
+    """
+    _walk(config, SCHEMA, "")
+    if device_count is None:
+        import jax  # lazy: validating a config file needs no backend
+        device_count = jax.device_count()
+    for cross_check in CROSS_CHECKS:
+        cross_check(config, device_count)
+
+
+def semantic_dict(config, schema: Optional[dict] = None) -> dict:
+    """The config as a plain dict without the non-semantic keys (Field.semantic False).
+
+    Keys the schema does not declare are kept (they cannot be judged), so an unvalidated config
+    still hashes everything it holds.
+    """
+    schema = SCHEMA if schema is None else schema
+    out = {}
+    for key in sorted(config.keys()):
+        value = config[key]
+        spec = schema.get(key)
+        if isinstance(spec, Field) and not spec.semantic:
+            continue
+        if _is_section(value):
+            out[key] = semantic_dict(value, spec if isinstance(spec, dict) else {})
+        elif isinstance(value, (tuple, list)):
+            out[key] = list(value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str, arg: Optional[str] = None):
+    """`get_config(arg)` (or `get_config()`) of the Python config file at `path`.
+
+    Config files use it to start from their sibling default.py without making configs/ a package:
+        config = config_lib.load_config(os.path.join(os.path.dirname(__file__), "default.py"))
+    """
+    import importlib.util
+    import os
+    path = os.path.abspath(path)
+    name = "_mgas_config_" + hashlib.sha1(path.encode()).hexdigest()[:8]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load a config from {path!r} (a Python file with get_config())")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def config_hash(config) -> str:
+    """A short hash of the semantic keys: equal for configs that must produce the same numbers."""
+    text = json.dumps(semantic_dict(config), sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe(schema: Optional[dict] = None, path: str = "") -> str:
+    """One line per key: `dotted.key  type  doc`, for --help style listings."""
+    schema = SCHEMA if schema is None else schema
+    lines = []
+    for key, spec in schema.items():
+        dotted = _join(path, key)
+        if isinstance(spec, dict):
+            lines.append(describe(spec, dotted))
+        else:
+            lines.append(f"{dotted:32s} {_type_name(spec.type):10s} {spec.doc}")
+    return "\n".join(lines)

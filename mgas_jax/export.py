@@ -1,0 +1,282 @@
+"""Architectures out of a search: records of the final phase and the exports at target sizes.
+
+A record is a self-describing JSON (format `mgas-architecture/1`) plus an `.npz` of weight masks:
+
+    {"format", "index", "epoch", "seed", "config", "num_classes", "stem_channels", "input_shape",
+     "cells": [...per-cell ops with channel widths (genotype.cells_to_json)...],
+     "counts": {"ops", "filters", "filters_total", "weights", "weights_total"},
+     "params": {"dense", "nonzero"},           # of the derived evaluation network, auxiliary head excluded
+     "val_accuracy", "masks": "<file>.npz"}
+
+The npz maps `cell_{i}/op_{node}_{src}_{op}/.../kernel` (the evaluation network's parameter paths) to
+0/1 masks; `load_architecture` turns both back into a NetworkSpec's cells and a `masks` collection.
+Files are written atomically (temporary file + rename); an export that exists with other content is
+never overwritten (mgas-method.md section 6; issue: nothing lost).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from mgas_jax import genotype as genotype_lib
+from mgas_jax import network, pruning, supernet
+
+FORMAT = "mgas-architecture/1"
+
+
+class ExportError(ValueError):
+    """An export or record that does not match its network, or would overwrite other content."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic files
+
+def _atomic_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_once(path: str, data: bytes) -> None:
+    """Write, unless the file already holds exactly this content; refuse to replace other content."""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return
+        raise ExportError(f"{path} exists with different content; an export is never overwritten. Move it "
+                          f"away (or use another workdir) if you mean to replace it.")
+    _atomic_write(path, data)
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, default=_plain) + "\n").encode()
+
+
+def _plain(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomic JSON write (replaces: for run summaries, not for exports)."""
+    _atomic_write(path, json_bytes(obj))
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(v, np.uint8) for k, v in sorted(arrays.items())})
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Deriving the final network
+
+def _dead(masks: dict, cell_idx: int, o) -> bool:
+    """An op whose inner or output filters are all committed off outputs exactly zero."""
+    base = masks.get(f"cell_{cell_idx}", {}).get(supernet.op_name(o))
+    if base is None:
+        return False
+    units = {"sep": ("unit1", "unit2"), "dil": ("unit",)}
+    for kind, names in units.items():
+        if kind in base:
+            for u in names:
+                gate = base[kind][u].get("gate")
+                if gate is not None and float(np.sum(gate["beta"])) == 0.0:
+                    return True
+    return False
+
+
+def derive_cells(spec: supernet.SuperNetSpec, masks: dict) -> tuple:
+    """Cells of the final network: every op whose committed mask is 1, with its widths (section 6).
+
+    Ops whose filters are all committed off are dropped too (they output exactly zero), unless the
+    op is the last one into its node.
+    """
+    cells = []
+    for i, cell in enumerate(spec.cells):
+        keep = []
+        for node in range(cell.steps):
+            into = cell.ops_into(node)
+            alive = [o for o in into if not _dead(masks, i, o)]
+            keep.extend(alive if alive else into[:1])
+        order = lambda o: (o.node, o.src, o.op_index)
+        cells.append(dataclasses.replace(cell, ops=tuple(sorted(keep, key=order))))
+    return tuple(cells)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flat(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+def derived_masks(masks: dict, record: dict) -> dict:
+    """Weight masks of the derived network: {kernel path: 0/1 array} for its sep/dil kernels."""
+    cells = genotype_lib.cells_from_json(record["cells"])
+    out = {}
+    for i, cell in enumerate(cells):
+        for o in cell.ops:
+            sub = masks.get(f"cell_{i}", {}).get(supernet.op_name(o))
+            if sub is None:
+                continue
+            for path, m in _flat(sub, f"cell_{i}/{supernet.op_name(o)}").items():
+                if path.endswith("/kernel"):
+                    out[path] = np.asarray(m)
+    return out
+
+
+def network_spec(record: dict, *, auxiliary: bool = False, **kwargs) -> network.NetworkSpec:
+    """The evaluation network of a record: its cells, BN after pools, fixed weight masks."""
+    return network.NetworkSpec(cells=genotype_lib.cells_from_json(record["cells"]),
+                               num_classes=int(record["num_classes"]), stem_channels=int(record["stem_channels"]),
+                               auxiliary=auxiliary, pool_bn=True, masked=True, **kwargs)
+
+
+def network_params(record: dict, masks_flat: dict) -> dict:
+    """{'dense', 'nonzero'} parameters of the record's network (auxiliary head excluded)."""
+    spec = network_spec(record)
+    x = jax.ShapeDtypeStruct((1,) + tuple(record["input_shape"]), np.float32)
+    shapes = jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), np.zeros(x.shape, x.dtype),
+                                                               train=False))
+    check_masks(shapes.get("masks", {}), masks_flat, where="the record")
+    return network.count_params(shapes["params"], _nest(masks_flat))
+
+
+def check_masks(expected_tree: dict, masks_flat: dict, where: str) -> None:
+    """Every mask must match a kernel of the network, with its shape, and every kernel needs a mask."""
+    expected = {p: tuple(v.shape) for p, v in _flat(expected_tree).items()}
+    given = {p: tuple(np.shape(v)) for p, v in masks_flat.items()}
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    wrong = sorted(p for p in set(expected) & set(given) if expected[p] != given[p])
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"no mask for {len(missing)} kernels (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} masks for kernels the network does not have (e.g. {extra[0]})")
+        if wrong:
+            p = wrong[0]
+            parts.append(f"{len(wrong)} masks of the wrong shape (e.g. {p}: {given[p]} vs kernel {expected[p]})")
+        raise ExportError(f"the weight masks of {where} do not match its network: " + "; ".join(parts) +
+                          ". Use the .npz written with this JSON by the same search.")
+
+
+def make_record(spec: supernet.SuperNetSpec, masks: dict, input_shape, *, index: int, epoch: int, config: dict,
+                seed: int, val_accuracy: float, stem_channels: int) -> dict:
+    """The JSON record of the current architecture (see module doc)."""
+    cells = derive_cells(spec, masks)
+    rec = dict(format=FORMAT, index=int(index), epoch=int(epoch), seed=int(seed), config=config,
+               num_classes=int(spec.num_classes), stem_channels=int(stem_channels),
+               input_shape=[int(s) for s in input_shape], cells=genotype_lib.cells_to_json(cells),
+               counts=pruning.count_units(dataclasses.replace(spec, cells=cells), masks),
+               val_accuracy=None if val_accuracy != val_accuracy else float(val_accuracy))
+    rec["params"] = network_params(rec, derived_masks(masks, rec))
+    return rec
+
+
+def write_record(directory: str, record: dict, masks_flat: dict) -> str:
+    """Write commit_{index:03d}.json and .npz; returns the JSON path."""
+    name = f"commit_{record['index']:03d}"
+    rec = dict(record, masks=f"{name}.npz")
+    _write_once(os.path.join(directory, f"{name}.npz"), npz_bytes(masks_flat))
+    path = os.path.join(directory, f"{name}.json")
+    _write_once(path, json_bytes(rec))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Exports at target sizes
+
+def export_targets(records_dir: str, records: list, targets: list, out_dir: str,
+                   budget: str = "nonzero") -> dict:
+    """For each target parameter budget, export the first record at or below it.
+
+    Records are in commit order, so sizes fall; the first at or below a budget is the largest network
+    that fits it. Returns {str(target): {'path', 'params', 'index'} or {'error'}}.
+    """
+    summary = {}
+    for target in targets:
+        hit = next((r for r in records if r["params"][budget] <= target), None)
+        if hit is None:
+            smallest = min((r["params"][budget] for r in records), default=None)
+            summary[str(target)] = dict(error=f"no recorded architecture has <= {target} {budget} parameters "
+                                              f"(smallest: {smallest}); run the final phase longer "
+                                              f"(search.final_max_epochs) or lower search.final_size_floor")
+            continue
+        with open(hit["path"], "rb") as f:
+            rec = json.loads(f.read())
+        with open(os.path.join(records_dir, rec["masks"]), "rb") as f:
+            npz = f.read()
+        name = f"arch_{int(target)}"
+        rec = dict(rec, target=int(target), budget=budget, masks=f"{name}.npz")
+        _write_once(os.path.join(out_dir, f"{name}.npz"), npz)
+        _write_once(os.path.join(out_dir, f"{name}.json"), json_bytes(rec))
+        summary[str(target)] = dict(path=os.path.join(out_dir, f"{name}.json"), params=hit["params"],
+                                    index=hit["index"])
+    return summary
+
+
+def load_architecture(json_path: str) -> tuple[dict, network.NetworkSpec, dict]:
+    """(record, evaluation NetworkSpec, nested `masks` collection) of an exported architecture.
+
+    Raises ExportError naming the problem when the JSON is not an MGAS export or its masks do not
+    fit its network.
+    """
+    try:
+        with open(json_path) as f:
+            rec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read the architecture {json_path}: {e}. Pass a .json written by mode=search "
+                          f"(workdir/export/arch_<target>.json)") from e
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        raise ExportError(f"{json_path} is not an MGAS architecture (format {FORMAT!r} expected, found "
+                          f"{rec.get('format') if isinstance(rec, dict) else type(rec).__name__!r})")
+    spec = network_spec(rec)
+    mask_path = os.path.join(os.path.dirname(json_path), rec["masks"])
+    try:
+        with np.load(mask_path) as z:
+            flat = {k: z[k].astype(np.float32) for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read the weight masks {mask_path} of {json_path}: {e}") from e
+    x = np.zeros((1,) + tuple(rec["input_shape"]), np.float32)
+    shapes = jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), x, train=False))
+    check_masks(shapes.get("masks", {}), flat, where=json_path)
+    return rec, spec, _nest(flat)
+
+
+def content_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]

@@ -1,0 +1,153 @@
+"""Discretization functions of MGAS: hard steps with a surrogate gradient, one gate per granularity.
+
+Everything here is plain JAX (no Flax), so other code bases can import it:
+
+    from mgas_jax import gates
+    g = gates.op_gate(alpha, t_op, committed, node_of_edge)   # (E, O) op gates
+    w_masked = w * gates.weight_mask(w, t_w)
+
+Method reference: `mgas-method.md` section 2.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.custom_vjp
+def hard_step(x: jax.Array) -> jax.Array:
+    """H(x) = 1[x > 0] in the forward pass, a long-tailed surrogate in the backward pass.
+
+    The surrogate (from Dynamic Sparse Training's trainable masked layers) is
+    `2 - 4|x|` for `|x| <= 0.4`, `0.4` for `0.4 < |x| <= 1` and `0` beyond, so that masked units
+    still receive gradient and can come back while their score is near its threshold.
+
+    Args:
+      x: any shape, floating.
+    Returns:
+      the same shape and dtype, values in {0, 1}.
+    """
+    return (x > 0).astype(x.dtype)
+
+
+def _hard_step_fwd(x):
+    return hard_step(x), x
+
+
+def surrogate_grad(x: jax.Array) -> jax.Array:
+    """dH/dx as MGAS uses it (see `hard_step`)."""
+    a = jnp.abs(x)
+    return jnp.where(a <= 0.4, 2.0 - 4.0 * a, jnp.where(a <= 1.0, 0.4, 0.0)).astype(x.dtype)
+
+
+def _hard_step_bwd(x, g):
+    return (g * surrogate_grad(x),)
+
+
+hard_step.defvjp(_hard_step_fwd, _hard_step_bwd)
+
+
+def score_gate(score: jax.Array, threshold: jax.Array) -> jax.Array:
+    """sigma(s) * H(sigma(s) - t): the gate of the op and filter levels (broadcasting)."""
+    p = jax.nn.sigmoid(score)
+    return p * hard_step(p - threshold)
+
+
+def live_mask(score: jax.Array, threshold: jax.Array) -> jax.Array:
+    """The 0/1 live mask H(sigma(s) - t), without gradient (used for commits and counts)."""
+    return (jax.nn.sigmoid(score) > threshold).astype(jnp.float32)
+
+
+def filter_gate(beta: jax.Array, threshold: jax.Array, committed: jax.Array | None = None) -> jax.Array:
+    """Per-channel filter gate sigma(beta) * H(sigma(beta) - t) * committed.
+
+    Args:
+      beta: (C,) filter scores.
+      threshold: scalar threshold shared by the beta vectors of one op (or preprocess layer).
+      committed: optional (C,) 0/1 committed mask; the live mask is ANDed with it.
+    Returns:
+      (C,) channel scales.
+    """
+    g = score_gate(beta, threshold)
+    return g if committed is None else g * committed
+
+
+def weight_mask(w: jax.Array, threshold: jax.Array, committed: jax.Array | None = None) -> jax.Array:
+    """Weight-level mask H(|w| - t_w) (surrogate gradient to w and t_w), ANDed with `committed`.
+
+    Args:
+      w: a conv kernel, any shape.
+      threshold: scalar t_w of the op that owns the kernel.
+      committed: optional 0/1 mask of w's shape.
+    Returns:
+      a 0/1 array of w's shape; the masked kernel is `w * weight_mask(w, t)`.
+    """
+    m = hard_step(jnp.abs(w) - threshold)
+    return m if committed is None else m * committed
+
+
+def edge_nodes(steps: int = 4) -> np.ndarray:
+    """Index of the node (0-based among intermediate nodes) each edge of a DARTS cell feeds.
+
+    With 4 steps there are 14 edges: node 0 gets edges 0-1, node 1 edges 2-4, node 2 edges 5-8,
+    node 3 edges 9-13.
+    """
+    return np.concatenate([np.full(2 + j, j) for j in range(steps)]).astype(np.int32)
+
+
+def edge_sources(steps: int = 4) -> np.ndarray:
+    """Index of the input state (0, 1 = cell inputs, 2.. = nodes) that each edge reads."""
+    return np.concatenate([np.arange(2 + j) for j in range(steps)]).astype(np.int32)
+
+
+def protect_last_op(live: jax.Array, active: jax.Array, alpha: jax.Array, node_of_edge) -> jax.Array:
+    """Protection rule: the last remaining op into a node is never masked.
+
+    For every node whose live mask would switch off all of its still-active ops, the active op with
+    the highest alpha stays on.
+
+    Args:
+      live: (E, O) 0/1 live mask (already ANDed with `active`).
+      active: (E, O) 0/1 committed (still present) ops.
+      alpha: (E, O) op scores.
+      node_of_edge: (E,) int node index of each edge (`edge_nodes()`).
+    Returns:
+      (E, O) 0/1 protected mask.
+    """
+    node_of_edge = np.asarray(node_of_edge)  # static: it fixes the shapes below
+    n_nodes = int(node_of_edge.max()) + 1
+    onehot = jax.nn.one_hot(node_of_edge, n_nodes, dtype=live.dtype)  # (E, N)
+    live_per_node = jnp.einsum("eo,en->n", live, onehot)
+    # Best still-active op of every node: argmax of alpha over the node's (edge, op) pairs.
+    masked_alpha = jnp.where(active > 0, alpha, -jnp.inf)
+    per_node = jnp.where(onehot.T[:, :, None] > 0, masked_alpha[None], -jnp.inf)  # (N, E, O)
+    flat = per_node.reshape(n_nodes, -1)
+    best = jax.nn.one_hot(jnp.argmax(flat, axis=1), flat.shape[1], dtype=live.dtype).reshape(per_node.shape)
+    has_active = jnp.any(jnp.isfinite(flat), axis=1)
+    rescue = (live_per_node == 0) & has_active  # (N,)
+    keep = jnp.einsum("n,neo->eo", rescue.astype(live.dtype), best)
+    return jnp.maximum(live, keep)
+
+
+def op_gate(alpha: jax.Array, t_op: jax.Array, active: jax.Array, node_of_edge) -> tuple[jax.Array, jax.Array]:
+    """Op-level discretization: gates sigma(alpha) * m with m = protect(H(sigma(alpha) - t_op) * active).
+
+    The hard step keeps its surrogate gradient; the protection only ever switches a mask on, and a
+    protected op's gate is sigma(alpha) (its step value is replaced by 1 without gradient to t_op).
+
+    Args:
+      alpha: (E, O) op scores of one cell.
+      t_op: (E, O) op thresholds.
+      active: (E, O) 0/1 committed mask (0 = removed op).
+      node_of_edge: (E,) node of each edge.
+    Returns:
+      (gates (E, O), live mask (E, O) 0/1 after protection).
+    """
+    p = jax.nn.sigmoid(alpha)
+    step = hard_step(p - t_op) * active
+    live = jax.lax.stop_gradient(step)
+    protected = protect_last_op(live, active, jax.lax.stop_gradient(alpha), node_of_edge)
+    # where protection switched a mask on, use 1 (no gradient) instead of the step's 0
+    mask = step + jax.lax.stop_gradient(protected - live)
+    return p * mask, protected

@@ -1,0 +1,53 @@
+"""The run modes: one function `(config, workdir) -> result` per `config.mode`.
+
+main.py validates the config and calls `run(config, workdir)`, which looks the mode up in `MODES`.
+Each entry imports its module lazily, so `--config=...` with mode=train never imports the search code
+(and config.py can import this file to know the mode names without pulling in JAX).
+
+Registration: a mode whose entry is None is declared (config validation accepts its name) but not
+implemented yet; `run` then says so. To implement one, replace None with a function below.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+RunFn = Callable[[Any, str], Any]
+
+
+def _train(config, workdir: str):
+    """mode=train: train a fixed genotype (config.model.genotype) from scratch, then test it."""
+    from mgas_jax import train
+    return train.train_and_evaluate(config, workdir)
+
+
+def _search(config, workdir: str):
+    """mode=search: the MGAS search; architectures at config.export.targets in workdir/export."""
+    from mgas_jax import search
+    return search.search(config, workdir)
+
+
+MODES: dict[str, Optional[RunFn]] = {
+    "train": _train,
+    # ---- registered by the search side (lead) ------------------------------------------------
+    "search": _search,
+    "retrain": None,    # retrain an exported architecture: train.train_and_evaluate(config, workdir,
+                        #   spec=<NetworkSpec with per-op widths>, masks=<fixed weight masks>)
+    "evaluate": None,   # evaluate a checkpoint on the test split
+    "all": None,        # search, export, retrain, in sub-folders of workdir
+    # -------------------------------------------------------------------------------------------
+}
+
+MODE_NAMES = tuple(MODES)
+
+
+def run(config, workdir: str):
+    """Runs `config.mode` and returns what its function returns."""
+    mode = config.mode
+    if mode not in MODES:
+        raise ValueError(f"mode = {mode!r}: unknown; the modes are {', '.join(MODE_NAMES)}")
+    fn = MODES[mode]
+    if fn is None:
+        implemented = [name for name, f in MODES.items() if f is not None]
+        raise NotImplementedError(f"mode = {mode!r} is declared but not implemented yet "
+                                  f"(register it in mgas_jax/modes.py); available now: {', '.join(implemented)}")
+    return fn(config, workdir)

@@ -1,0 +1,460 @@
+"""Host-side pruning decisions of MGAS: lambda schedule, size proxy, commits, regrowth, physical shrinking.
+
+These run between jit-compiled steps, on replicated state, so every device takes the same decision.
+Each is a small function of explicit inputs (numpy or jax arrays, specs), testable on its own.
+
+Method reference: mgas-method.md sections 2 (commits), 3 (lambda, size proxy) and 5 (regrowth,
+physical filter pruning).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from mgas_jax import gates, ops
+from mgas_jax.genotype import CellSpec, OpSpec, edge_endpoints, num_edges
+from mgas_jax.supernet import NUM_OPS, SuperNetSpec, active_matrix, op_name
+
+OP_NAME = re.compile(r"^op_(\d+)_(\d+)_(.+)$")
+REMOVED_ALPHA = -30.0  # "pushed to a very negative value": sigma(-30) ~ 1e-13
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive lambda (GOLD-NAS style)
+
+@dataclasses.dataclass
+class LambdaState:
+    """lam: current penalty weight; d: its current increment."""
+    lam: float = 0.0
+    d: float = 0.0
+
+
+def lambda_start(lambda0: float) -> LambdaState:
+    """At the start of a stage: lambda = 0, d = lambda0."""
+    return LambdaState(0.0, lambda0)
+
+
+def lambda_update(s: LambdaState, pruned: int, *, lambda0: float, c0: float, n: int,
+                  mean_ce: float, mean_reg: float, cap_factor: float = 1.0, cap: float = 100.0) -> LambdaState:
+    """One update after a commit that pruned `pruned` ops.
+
+    if pruned >= 4n: d = lambda0, lambda /= c0; elif pruned < 2n: d *= c0^2, lambda += d; else unchanged.
+    Cap: when the epoch's mean CE is below cap_factor * mean(lambda * R_op), lambda may not grow past
+    its current value; otherwise it is capped at `cap` (cap_factor is 0.5 in the final phase).
+    """
+    lam, d = s.lam, s.d
+    if pruned >= 4 * n:
+        d, lam = lambda0, lam / c0
+    elif pruned < 2 * n:
+        d = d * c0 ** 2
+        lam = lam + d
+    limit = s.lam if mean_ce < cap_factor * mean_reg else cap
+    return LambdaState(min(lam, limit), d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tree paths
+
+def _get(tree: dict, path: tuple):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def to_numpy(tree):
+    """A nested dict of host numpy arrays (mutable copies)."""
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def _walk(tree: dict, prefix=()):
+    """Yield (path, leaf) of a nested dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _walk(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def parse_op_name(name: str) -> Optional[tuple[int, int, str]]:
+    m = OP_NAME.match(name)
+    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Counts and the size proxy
+
+def committed_count(masks: dict, cell_idx: int, o: OpSpec, unit: str) -> int:
+    """Committed output filters of one gated unit ('sep/unit1', 'sep/unit2', 'dil/unit')."""
+    path = (f"cell_{cell_idx}", op_name(o)) + tuple(unit.split("/")) + ("gate", "beta")
+    return int(np.sum(np.asarray(_get(masks, path))))
+
+
+def op_size(cell: CellSpec, cell_idx: int, o: OpSpec, masks: dict) -> int:
+    """Size proxy of one op (mgas-method.md section 3):
+    sep_conv: k^2 C + C K1 + k^2 K1 + K1 K3; dil_conv: k^2 C + C K1; skip in a reduction cell: C^2; else 0."""
+    c = cell.width
+    if o.op in ops.CONV_OPS:
+        k = ops.kernel_size(o.op)
+        if o.op.startswith("sep"):
+            k1 = committed_count(masks, cell_idx, o, "sep/unit1")
+            k3 = committed_count(masks, cell_idx, o, "sep/unit2")
+            return k * k * c + c * k1 + k * k * k1 + k1 * k3
+        k1 = committed_count(masks, cell_idx, o, "dil/unit")
+        return k * k * c + c * k1
+    if o.op == "skip_connect" and cell.reduction and o.src < 2:
+        return c * c
+    return 0
+
+
+def size_proxy(spec: SuperNetSpec, masks: dict, cells: Optional[range] = None) -> int:
+    """Sum of op sizes over the given cells (default all built cells)."""
+    cells = range(len(spec.cells)) if cells is None else cells
+    return int(sum(op_size(spec.cells[i], i, o, masks) for i in cells for o in spec.cells[i].ops))
+
+
+# ----------------------------------------------------------------------------------------------
+# Commits
+
+@dataclasses.dataclass
+class CommitResult:
+    spec: SuperNetSpec
+    arch: dict
+    masks: dict
+    removed: list          # [(cell, OpSpec)] ops committed off in this round
+    filters_off: int       # filters newly committed off
+    weights_off: int       # weights newly committed off
+
+
+def op_live_masks(arch: dict, spec: SuperNetSpec) -> list[np.ndarray]:
+    """Protected live op masks (E, 7) of every built cell."""
+    out = []
+    for i, cell in enumerate(spec.cells):
+        a = arch[f"cell_{i}"]
+        _, live = gates.op_gate(a["alpha"], a["t_op"], active_matrix(cell), gates.edge_nodes(cell.steps))
+        out.append(np.asarray(live))
+    return out
+
+
+def commit(spec: SuperNetSpec, params: dict, arch: dict, masks: dict) -> CommitResult:
+    """Refresh the committed masks from the live ones at all three granularities.
+
+    Ops whose live mask is 0 leave the spec (their alpha is pushed to REMOVED_ALPHA); filter masks
+    become committed AND (sigma(beta) > t); weight masks committed AND (|w| > t_w). Filter scores of
+    FactorizedReduce have no threshold and are not committed here.
+    """
+    arch, masks = to_numpy(arch), to_numpy(masks)
+    params = to_numpy(params)
+    live = op_live_masks(arch, spec)
+    new_cells, removed = [], []
+    filters_off = weights_off = 0
+    for i, cell in enumerate(spec.cells):
+        cname = f"cell_{i}"
+        a = arch[cname]
+        keep = []
+        for o in cell.ops:
+            if live[i][o.edge, o.op_index] > 0:
+                keep.append(o)
+            else:
+                removed.append((i, o))
+                a["alpha"][o.edge, o.op_index] = REMOVED_ALPHA
+        new_cells.append(dataclasses.replace(cell, ops=tuple(keep)))
+        for pre in ("pre0", "pre1"):
+            t = a["t_pre"][int(pre[-1])]
+            path = (cname, pre, "gate", "beta")
+            old = _get(masks, path)
+            new = old * (1.0 / (1.0 + np.exp(-_get(arch, path))) > t)
+            filters_off += int(old.sum() - new.sum())
+            _set(masks, path, new.astype(np.float32))
+        kept = {op_name(o): o for o in keep}
+        for path, m in list(_walk(masks.get(cname, {}))):
+            name = path[0]
+            if name not in kept:
+                continue
+            o = kept[name]
+            full = (cname,) + path
+            if path[-2:] == ("gate", "beta") and "fr" not in path:
+                t = a["t_k"][o.edge, o.op_index]
+                new = m * (1.0 / (1.0 + np.exp(-_get(arch, full))) > t)
+                filters_off += int(m.sum() - new.sum())
+                _set(masks, full, new.astype(np.float32))
+            elif path[-1] == "kernel":
+                t = a["t_w"][o.edge, o.op_index]
+                new = m * (np.abs(_get(params, full)) > t)
+                weights_off += int(m.sum() - new.sum())
+                _set(masks, full, new.astype(np.float32))
+    new_spec = dataclasses.replace(spec, cells=tuple(new_cells))
+    return CommitResult(new_spec, prune_tree(arch, new_spec), prune_tree(masks, new_spec),
+                        removed, filters_off, weights_off)
+
+
+def prune_tree(tree: dict, spec: SuperNetSpec) -> dict:
+    """Drop the subtrees of ops that are not in the spec (committed off), and of unbuilt cells."""
+    out = {}
+    for k, v in tree.items():
+        if k.startswith("cell_"):
+            i = int(k.split("_")[1])
+            if i >= len(spec.cells):
+                continue
+            names = {op_name(o) for o in spec.cells[i].ops}
+            out[k] = {n: sub for n, sub in v.items() if not n.startswith("op_") or n in names}
+        else:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Grafting state onto a new structure
+
+def graft(new: Any, old: Any) -> Any:
+    """Copy every leaf of `old` into `new` where the key path exists in both with the same shape.
+
+    Used after every structural change: new cells, a new head, a regrown op and re-created optimizer
+    states start from their fresh initial values; everything else carries over unchanged.
+    """
+    old_leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(old)}
+
+    def pick(path, leaf):
+        v = old_leaves.get(jax.tree_util.keystr(path))
+        if v is not None and np.shape(v) == np.shape(leaf) and np.asarray(v).dtype == np.asarray(leaf).dtype:
+            return v
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(pick, new)
+
+
+# ----------------------------------------------------------------------------------------------
+# Regrowth
+
+def regrowth_probabilities(alpha: list, momentum: list, active: list) -> np.ndarray:
+    """P(i, j) = I_cell(i) * I_op(i, j) over cells i and op types j (mgas-method.md section 5).
+
+    Args:
+      alpha, momentum, active: per cell, (E, 7) alpha, its optimizer momentum and 0/1 committed ops.
+    Returns:
+      (cells, 7) probabilities summing to 1.
+    """
+    n_cells = len(alpha)
+    g = np.zeros((n_cells, NUM_OPS))
+    a = np.zeros((n_cells, NUM_OPS))
+    n_active = np.zeros(n_cells)
+    for i in range(n_cells):
+        act = np.asarray(active[i]) > 0
+        n_active[i] = act.sum()
+        sig = 1.0 / (1.0 + np.exp(-np.asarray(alpha[i], np.float64)))
+        mom = np.abs(np.asarray(momentum[i], np.float64))
+        has = act.any(axis=0)
+        for j in range(NUM_OPS):
+            if has[j]:
+                g[i, j] = mom[act[:, j], j].mean()
+                a[i, j] = sig[act[:, j], j].mean()
+        if has.any():
+            g[i, ~has] = 0.5 * g[i, has].min()
+            a[i, ~has] = 0.5 * a[i, has].min()
+
+    def share(x, axis):
+        s = x.sum(axis=axis, keepdims=True)
+        n = x.shape[axis]
+        return np.where(s > 0, x / np.where(s > 0, s, 1.0), 1.0 / n)
+
+    i_op = 0.5 * share(g, 1) + 0.5 * share(a, 1)
+    per_cell_g = g.sum(1) / np.maximum(n_active, 1)
+    per_cell_a = a.sum(1) / np.maximum(n_active, 1)
+    i_cell = 0.5 * share(per_cell_g, 0) + 0.5 * share(per_cell_a, 0)
+    p = i_cell[:, None] * i_op
+    return p / p.sum()
+
+
+def sample_regrowth(key: jax.Array, probs: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """Draw `count` (cell, op type) pairs with replacement from P."""
+    if count <= 0:
+        return []
+    flat = jax.random.choice(key, probs.size, (count,), replace=True, p=np.asarray(probs, np.float32).ravel())
+    return [divmod(int(f), probs.shape[1]) for f in np.asarray(flat)]
+
+
+def regrow(spec: SuperNetSpec, key: jax.Array, draws: list[tuple[int, int]]) -> tuple[SuperNetSpec, list]:
+    """For each draw (i, j), bring back a uniformly chosen committed-off edge of op type j in cell i.
+
+    Draws with no committed-off edge of that type are skipped. Regrown ops come back at full width;
+    their fresh weights, beta = 0 and full masks come from the caller's re-initialisation (`graft`).
+    Returns the new spec and the list of (cell, OpSpec) regrown.
+    """
+    cells = [list(c.ops) for c in spec.cells]
+    grown = []
+    for t, (i, j) in enumerate(draws):
+        cell = spec.cells[i]
+        present = {(o.edge, o.op_index) for o in cells[i]}
+        candidates = [e for e in range(num_edges(cell.steps)) if (e, j) not in present]
+        if not candidates:
+            continue
+        e = candidates[int(jax.random.randint(jax.random.fold_in(key, t), (), 0, len(candidates)))]
+        node, src = edge_endpoints(e, cell.steps)
+        o = OpSpec(node, src, ops.OPS[j])
+        cells[i].append(o)
+        grown.append((i, o))
+    order = lambda o: (o.node, o.src, o.op_index)
+    new_cells = tuple(dataclasses.replace(c, ops=tuple(sorted(ops_, key=order)))
+                      for c, ops_ in zip(spec.cells, cells))
+    return dataclasses.replace(spec, cells=new_cells), grown
+
+
+def reset_regrown(arch: dict, grown: list) -> dict:
+    """alpha of regrown ops back to 0 (their beta and masks are fresh from initialisation)."""
+    arch = to_numpy(arch)
+    for i, o in grown:
+        arch[f"cell_{i}"]["alpha"][o.edge, o.op_index] = 0.0
+    return arch
+
+
+# ----------------------------------------------------------------------------------------------
+# Physical filter pruning
+
+def _keep(committed: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Indices of committed channels; at least one (the best scored) so shapes stay non-empty.
+
+    A unit whose filters are all committed off keeps one channel with mask 0: it still outputs
+    exactly 0, as before the shrink.
+    """
+    idx = np.flatnonzero(committed > 0)
+    if idx.size == 0:
+        idx = np.array([int(np.argmax(beta))])
+    return idx
+
+
+def _take(trees: dict, base: tuple, rel: tuple, axis: int, idx: np.ndarray) -> None:
+    """Slice, in every collection that holds it, the leaf at base + rel along `axis`."""
+    for tree in trees.values():
+        try:
+            leaf = _get(tree, base + rel)
+        except (KeyError, TypeError):
+            continue
+        _set(tree, base + rel, np.take(leaf, idx, axis=axis))
+
+
+def _shrink_unit(trees: dict, base: tuple, unit: str, idx: np.ndarray, next_dw: Optional[str], next_pw: Optional[str]):
+    """Keep output channels `idx` of a ConvUnit (pw kernel, BN, gate) and the matching inputs downstream."""
+    u = base + tuple(unit.split("/"))
+    _take(trees, u, ("pw", "kernel"), 3, idx)
+    for leaf in ("mean", "var", "scale", "bias"):
+        _take(trees, u, ("bn", leaf), 0, idx)
+    _take(trees, u, ("gate", "beta"), 0, idx)
+    if next_dw:
+        _take(trees, base + tuple(next_dw.split("/")), ("dw", "kernel"), 3, idx)
+    if next_pw:
+        _take(trees, base + tuple(next_pw.split("/")), ("pw", "kernel"), 2, idx)
+
+
+def shrink(spec: SuperNetSpec, variables: dict) -> tuple[SuperNetSpec, dict]:
+    """Physically remove committed-off filters (mgas-method.md section 5, physical filter pruning).
+
+    Every sep_conv's inner and output channels, every dil_conv's output channels and every
+    preprocess layer's output channels shrink to their committed ones; weights, scores, masks and
+    the full BatchNorm state of what stays are kept. The network output does not change: removed
+    channels were exactly zero, and ops write their surviving channels at their old node positions
+    (see `ops.scatter_channels`).
+
+    Deviation from the released code, which forces one common width per cell (re-adding or dropping
+    channels by a heuristic and losing BN state): we keep exactly the committed channels per op,
+    which is lossless and is what makes the equivalence test hold.
+
+    Args:
+      variables: dict of collections ('params', 'arch', 'batch_stats', 'masks').
+    Returns:
+      (new spec, new variables as numpy trees).
+    """
+    trees = {k: to_numpy(v) for k, v in variables.items()}
+    masks, arch = trees["masks"], trees["arch"]
+    new_cells = []
+    for i, cell in enumerate(spec.cells):
+        cname = f"cell_{i}"
+        width = cell.width
+        pre_idx = []
+        for pre, old_index in (("pre0", cell.pre0_index), ("pre1", cell.pre1_index)):
+            base = (cname, pre)
+            idx = _keep(_get(masks, base + ("gate", "beta")), _get(arch, base + ("gate", "beta")))
+            old = list(range(width)) if old_index is None else list(old_index)
+            fr = "fr" in _get(trees["params"], base)
+            if fr:
+                n1 = sum(1 for c in old if c < width // 2)
+                _take(trees, base, ("fr", "conv1", "kernel"), 3, idx[idx < n1])
+                _take(trees, base, ("fr", "conv2", "kernel"), 3, idx[idx >= n1] - n1)
+                for leaf in ("mean", "var", "scale", "bias"):
+                    _take(trees, base, ("fr", "bn", leaf), 0, idx)
+            else:
+                _take(trees, base, ("conv", "kernel"), 3, idx)
+                for leaf in ("mean", "var", "scale", "bias"):
+                    _take(trees, base, ("bn", leaf), 0, idx)
+            _take(trees, base, ("gate", "beta"), 0, idx)
+            pre_idx.append(tuple(old[j] for j in idx))
+        new_ops = []
+        for o in cell.ops:
+            base = (cname, op_name(o))
+            old = list(range(width)) if o.out_index is None else list(o.out_index)
+            if o.op.startswith("sep"):
+                i1 = _keep(_get(masks, base + ("sep", "unit1", "gate", "beta")), _get(arch, base + ("sep", "unit1", "gate", "beta")))
+                _shrink_unit(trees, base, "sep/unit1", i1, "sep/unit2", "sep/unit2")
+                i2 = _keep(_get(masks, base + ("sep", "unit2", "gate", "beta")), _get(arch, base + ("sep", "unit2", "gate", "beta")))
+                _shrink_unit(trees, base, "sep/unit2", i2, None, None)
+                o = dataclasses.replace(o, mid=int(i1.size), out_index=tuple(old[j] for j in i2))
+            elif o.op.startswith("dil"):
+                i2 = _keep(_get(masks, base + ("dil", "unit", "gate", "beta")), _get(arch, base + ("dil", "unit", "gate", "beta")))
+                _shrink_unit(trees, base, "dil/unit", i2, None, None)
+                o = dataclasses.replace(o, out_index=tuple(old[j] for j in i2))
+            new_ops.append(o)
+        new_cells.append(dataclasses.replace(cell, ops=tuple(new_ops), pre0_index=_full_none(pre_idx[0], width),
+                                             pre1_index=_full_none(pre_idx[1], width)))
+    new_ops_specs = tuple(_normalise(c) for c in new_cells)
+    return dataclasses.replace(spec, cells=new_ops_specs), trees
+
+
+def _full_none(index: tuple, width: int) -> Optional[tuple]:
+    return None if tuple(index) == tuple(range(width)) else tuple(int(i) for i in index)
+
+
+def _normalise(cell: CellSpec) -> CellSpec:
+    """Full-width indices become None, so an unpruned op keeps its unpruned (and cached) form."""
+    new = []
+    for o in cell.ops:
+        out = None if o.out_index is None else _full_none(o.out_index, cell.width)
+        mid = None if o.mid is None or o.mid == cell.width else o.mid
+        new.append(dataclasses.replace(o, mid=mid, out_index=out))
+    return dataclasses.replace(cell, ops=tuple(new))
+
+
+# ----------------------------------------------------------------------------------------------
+# Thresholds
+
+THRESHOLD_NAMES = ("t_op", "t_k", "t_w", "t_pre")
+
+
+def reset_thresholds(arch: dict) -> dict:
+    """All thresholds to 0 (start of every stage and of the final phase)."""
+    def reset(path, x):
+        name = getattr(path[-1], "key", None)
+        return np.zeros_like(x) if name in THRESHOLD_NAMES else x
+    return jax.tree_util.tree_map_with_path(reset, to_numpy(arch))
+
+
+def count_units(spec: SuperNetSpec, masks: dict) -> dict:
+    """Committed units per granularity: ops, filters (conv outputs), weights (sep/dil kernels)."""
+    n_ops = sum(len(c.ops) for c in spec.cells)
+    filters = weights = filters_total = weights_total = 0
+    for path, m in _walk(masks):
+        m = np.asarray(m)
+        if path[-2:] == ("gate", "beta"):
+            filters += int(m.sum())
+            filters_total += m.size
+        elif path[-1] == "kernel":
+            weights += int(m.sum())
+            weights_total += m.size
+    return dict(ops=n_ops, filters=filters, filters_total=filters_total, weights=weights, weights_total=weights_total)

@@ -1,0 +1,202 @@
+"""The MGAS super-net: every cell with its own 14 x 7 op scores, filter scores, per-op thresholds.
+
+Variables live in separate collections, which `init` returns as separate pytrees:
+
+- `params`: network weights (conv kernels, BN affine of the stem and heads, classifier);
+- `arch`: architecture parameters: per cell `alpha`, `t_op`, `t_k`, `t_w` (14 x 7 each) and `t_pre` (2,);
+  per conv output and preprocess output a `beta` vector;
+- `batch_stats`: BatchNorm running statistics;
+- `masks`: committed 0/1 masks: one per `beta` (filters) and one per sep/dil conv kernel (weights).
+
+Committed op masks are structural: a `SuperNetSpec` lists, per cell, the ops that are still present
+(`CellSpec.ops`), and a committed-off op is simply not built (it costs nothing). Live masks are
+recomputed in every forward pass from the scores and thresholds and ANDed with the committed ones.
+
+Method reference: mgas-method.md sections 1, 2 and 5 (stage heads).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mgas_jax import gates, ops
+from mgas_jax.genotype import CellSpec, OpSpec, num_edges
+
+NUM_OPS = len(ops.OPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SuperNetSpec:
+    """Static structure of a (sub-)super-net; hashable, so a new spec means a new compilation.
+
+    Attributes:
+      cells: the built cells (a stage's sub-net builds only the cells of stages <= s).
+      num_classes: classifier outputs.
+      stem_channels: stem output channels (3 C).
+      head: 'classifier' (global pool + linear) or 'stage' (the auxiliary-style head of stages 1 and 2).
+      impl: depthwise conv implementation ('auto', 'lax', 'shift').
+      remat: rematerialise each cell in the backward pass (trades compute for memory).
+      dtype: compute dtype (None: float32); parameters stay float32.
+      filter_level, weight_level: search filters and weights too (False: those gates are off, e.g. the
+        operation-level-only baseline, a DARTS-like sigmoid search).
+    """
+    cells: tuple
+    num_classes: int
+    stem_channels: int
+    head: str = "classifier"
+    impl: str = "auto"
+    remat: bool = False
+    dtype: Optional[str] = None
+    filter_level: bool = True
+    weight_level: bool = True
+
+
+def full_cell(width: int, reduction: bool, steps: int = 4) -> CellSpec:
+    """A cell of the unpruned super-net: all 7 ops on all edges, full widths."""
+    cell_ops = tuple(OpSpec(node, src, op) for node in range(steps) for src in range(node + 2) for op in ops.OPS)
+    return CellSpec(reduction=reduction, ops=cell_ops, width=width, steps=steps,
+                    concat=tuple(range(2, steps + 2)))
+
+
+def reduction_layers(layers: int) -> tuple[int, int]:
+    return layers // 3, 2 * layers // 3
+
+
+def full_cells(init_channels: int, layers: int, steps: int = 4) -> tuple:
+    """All cells of the unpruned super-net (DARTS layout: width doubled at each reduction cell)."""
+    width, cells = init_channels, []
+    for i in range(layers):
+        reduction = i in reduction_layers(layers)
+        if reduction:
+            width *= 2
+        cells.append(full_cell(width, reduction, steps))
+    return tuple(cells)
+
+
+def active_matrix(cell: CellSpec) -> np.ndarray:
+    """(E, 7) 0/1 committed op mask of a cell, from the ops it still has."""
+    m = np.zeros((num_edges(cell.steps), NUM_OPS), np.float32)
+    for o in cell.ops:
+        m[o.edge, o.op_index] = 1.0
+    return m
+
+
+def conv_matrix(cell: CellSpec) -> np.ndarray:
+    """(E, 7) 0/1: active ops that own filter and weight thresholds (sep/dil convs)."""
+    m = np.zeros((num_edges(cell.steps), NUM_OPS), np.float32)
+    for o in cell.ops:
+        if o.op in ops.CONV_OPS:
+            m[o.edge, o.op_index] = 1.0
+    return m
+
+
+def op_name(o: OpSpec) -> str:
+    """Submodule name of an op; the evaluation network uses the same names, so masks carry over."""
+    return f"op_{o.node}_{o.src}_{o.op}"
+
+
+class SuperCell(nn.Module):
+    """One searchable cell with its own architecture parameters."""
+    cell: CellSpec
+    reduction_prev: bool
+    impl: str = "auto"
+    dtype: Optional[str] = None
+    filter_level: bool = True
+    weight_level: bool = True
+
+    @nn.compact
+    def __call__(self, s0, s1, train: bool):
+        cell = self.cell
+        shape = (num_edges(cell.steps), NUM_OPS)
+        alpha = self.variable("arch", "alpha", jnp.zeros, shape, jnp.float32).value
+        t_op = self.variable("arch", "t_op", jnp.zeros, shape, jnp.float32).value
+        t_k = self.variable("arch", "t_k", jnp.zeros, shape, jnp.float32).value
+        t_w = self.variable("arch", "t_w", jnp.zeros, shape, jnp.float32).value
+        t_pre = self.variable("arch", "t_pre", jnp.zeros, (2,), jnp.float32).value
+        g, _ = gates.op_gate(alpha, t_op, jnp.asarray(active_matrix(cell)), gates.edge_nodes(cell.steps))
+        dtype = None if self.dtype is None else jnp.dtype(self.dtype)
+        fl = self.filter_level
+        s0 = ops.Preprocess(cell.width, self.reduction_prev, cell.pre0_index, search=fl, affine=False,
+                            dtype=dtype, name="pre0")(s0, train, t_pre[0])
+        s1 = ops.Preprocess(cell.width, False, cell.pre1_index, search=fl, affine=False,
+                            dtype=dtype, name="pre1")(s1, train, t_pre[1])
+        states = [s0, s1]
+        for node in range(cell.steps):
+            acc = None
+            for o in cell.ops_into(node):
+                e, k = o.edge, o.op_index
+                stride = 2 if cell.reduction and o.src < 2 else 1
+                y = ops.Op(o.op, cell.width, stride, mid=o.mid, out_index=o.out_index, search=fl,
+                           affine=False, pool_bn=False, masked=self.weight_level, impl=self.impl, dtype=dtype,
+                           name=op_name(o))(states[o.src], train, t_k[e, k], t_w[e, k])
+                y = y * g[e, k].astype(y.dtype)
+                acc = y if acc is None else acc + y
+            if acc is None:
+                raise ValueError(f"node {node} of a cell has no op; the protection rule should prevent this")
+            states.append(acc)
+        return jnp.concatenate([states[i] for i in cell.concat], axis=-1)
+
+
+def stage_head_sizes(spatial: int) -> tuple[int, int]:
+    """Pool size and final conv size of the stage heads (stride-3 average pool).
+
+    The method's heads for 32x32 (pool 11 -> 8x8 -> conv 8x8) and 16x16 (pool 7 -> 4x4 -> conv 4x4)
+    inputs both follow out = spatial // 4, pool = spatial - 3 (out - 1); the same rule serves any size.
+    """
+    out = max(1, spatial // 4)
+    return spatial - 3 * (out - 1), out
+
+
+class StageHead(nn.Module):
+    """Head of stages 1 and 2: ReLU, AvgPool(stride 3), Conv1x1->128, BN, ReLU, Conv->256, BN, ReLU, Linear."""
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        pool, out = stage_head_sizes(x.shape[1])
+        x = nn.relu(x)
+        x = nn.avg_pool(x, (pool, pool), (3, 3))
+        x = nn.Conv(128, (1, 1), use_bias=False, kernel_init=ops.conv_init, name="conv1")(x)
+        x = nn.relu(ops.batch_norm(train, True, name="bn1")(x))
+        x = nn.Conv(256, (out, out), padding="VALID", use_bias=False, kernel_init=ops.conv_init, name="conv2")(x)
+        x = nn.relu(ops.batch_norm(train, True, name="bn2")(x))
+        return nn.Dense(self.num_classes, name="linear")(x.reshape(x.shape[0], -1))
+
+
+class SuperNet(nn.Module):
+    """Stem, the spec's cells, and the head of the current stage. `__call__(x, train) -> logits`."""
+    spec: SuperNetSpec
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        spec = self.spec
+        x = nn.Conv(spec.stem_channels, (3, 3), padding=1, use_bias=False, kernel_init=ops.conv_init, name="stem")(x)
+        x = ops.batch_norm(train, True, name="stem_bn")(x)
+        cell_cls = nn.remat(SuperCell, static_argnums=(3,)) if spec.remat else SuperCell
+        s0 = s1 = x
+        reduction_prev = False
+        for i, cell in enumerate(spec.cells):
+            out = cell_cls(cell, reduction_prev, spec.impl, spec.dtype, spec.filter_level, spec.weight_level,
+                           name=f"cell_{i}")(s0, s1, train)
+            s0, s1 = s1, out
+            reduction_prev = cell.reduction
+        s1 = s1.astype(jnp.float32)
+        if spec.head == "stage":
+            return StageHead(spec.num_classes, name=f"head_{len(spec.cells)}")(s1, train)
+        return nn.Dense(spec.num_classes, name="classifier")(jnp.mean(s1, axis=(1, 2)))
+
+
+def init_variables(spec: SuperNetSpec, key: jax.Array, input_shape: tuple) -> dict:
+    """Variables of a super-net: dict with 'params', 'arch', 'batch_stats', 'masks'.
+
+    Args:
+      input_shape: (H, W, C) of one image.
+    """
+    x = jnp.zeros((2,) + tuple(input_shape), jnp.float32)
+    variables = jax.jit(lambda k: SuperNet(spec).init(k, x, train=False))(key)
+    return {c: variables.get(c, {}) for c in ("params", "arch", "batch_stats", "masks")}
