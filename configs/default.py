@@ -122,4 +122,11 @@ def get_config() -> ml_collections.ConfigDict:
     # workdir/search/export, each retrained in workdir/retrain/<name>).
     export.architecture = config_dict.placeholder(str)
 
+    # ---- Evaluation (mode=evaluate; mgas_jax/evaluation.py) ---------------------------------------
+    config.evaluate = evaluate = ml_collections.ConfigDict()
+    # Throughput = images/s of the jit-compiled forward pass (inference mode), timed after warm-up.
+    evaluate.throughput_batch_size = 256   # GLOBAL batch of the timed forward passes
+    evaluate.throughput_warmup = 3         # untimed passes first (the first one compiles)
+    evaluate.throughput_steps = 20         # timed passes (0 = skip the measurement)
+
     return config

@@ -39,5 +39,5 @@ def get_config():
     config.search.threshold_lr = 5.0
     config.search.weight_threshold_lr = 0.5
     config.search.final_size_floor = 0
-    config.export.targets = (100_000, 1_000)
+    config.export.targets = (100_000, 10)
     return config

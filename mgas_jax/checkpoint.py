@@ -38,6 +38,17 @@ class ConfigMismatchError(ValueError):
     """The workdir holds checkpoints of a different config."""
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that cannot be read back (truncated, edited, written by other code)."""
+
+
+def _corrupt(directory: str, step: int, error: Exception) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"the checkpoint of step {step} in {directory} cannot be read ({type(error).__name__}: {error}). "
+        f"Nothing was changed. To resume from the previous checkpoint, move {os.path.join(directory, str(step))} "
+        f"out of the way; to start over, use another --workdir.")
+
+
 def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -89,12 +100,21 @@ class Checkpointer:
     def meta(self, step: Optional[int] = None) -> dict:
         """The metadata dict of `step` (default: the latest)."""
         step = self.latest_step() if step is None else step
-        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # orbax raises many types for damaged files
+            raise _corrupt(self.directory, step, e) from e
+        if not isinstance(meta, dict):
+            raise _corrupt(self.directory, step, TypeError(f"metadata is {type(meta).__name__}, not a dict"))
+        return dict(meta)
 
     def restore(self, step: int, like: Any) -> Any:
         """The state of `step`, with the structure, dtypes and shardings of `like`."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_like(like)))).state
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_like(like)))).state
+        except Exception as e:  # orbax raises many types for damaged or mismatched files
+            raise _corrupt(self.directory, step, e) from e
         return data_to_keys(restored, like)
 
     def wait(self) -> None:

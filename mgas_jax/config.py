@@ -433,3 +433,17 @@ def describe(schema: Optional[dict] = None, path: str = "") -> str:
         else:
             lines.append(f"{dotted:32s} {_type_name(spec.type):10s} {spec.doc}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# mode=evaluate (evaluation.py). None of these change a number a search or training produces, so they
+# are not semantic: setting them never invalidates a workdir's checkpoints.
+
+SCHEMA["evaluate"] = {
+    "throughput_batch_size": Field(int, positive, "GLOBAL batch of the throughput measurement (rounded up "
+                                                  "to a multiple of the device count)", semantic=False),
+    "throughput_warmup": Field(int, non_negative, "untimed forward passes before the throughput timing "
+                                                  "(compilation and caches)", semantic=False),
+    "throughput_steps": Field(int, non_negative, "timed forward passes (0 = no throughput measurement)",
+                              semantic=False),
+}

@@ -26,14 +26,31 @@ def _search(config, workdir: str):
     return search.search(config, workdir)
 
 
+def _retrain(config, workdir: str):
+    """mode=retrain: retrain exported architectures from scratch (fixed masks) in workdir/retrain/<name>."""
+    from mgas_jax import retrain
+    return retrain.retrain(config, workdir)
+
+
+def _evaluate(config, workdir: str):
+    """mode=evaluate: test accuracy, params, FLOPs, throughput of the retrained networks; evaluation.json."""
+    from mgas_jax import evaluation
+    return evaluation.evaluate(config, workdir)
+
+
+def _all(config, workdir: str):
+    """mode=all: search (workdir/search) -> retrain every export -> evaluate -> reports (workdir/report)."""
+    from mgas_jax import retrain
+    return retrain.run_all(config, workdir)
+
+
 MODES: dict[str, Optional[RunFn]] = {
     "train": _train,
     # ---- registered by the search side (lead) ------------------------------------------------
     "search": _search,
-    "retrain": None,    # retrain an exported architecture: train.train_and_evaluate(config, workdir,
-                        #   spec=<NetworkSpec with per-op widths>, masks=<fixed weight masks>)
-    "evaluate": None,   # evaluate a checkpoint on the test split
-    "all": None,        # search, export, retrain, in sub-folders of workdir
+    "retrain": _retrain,
+    "evaluate": _evaluate,
+    "all": _all,
     # -------------------------------------------------------------------------------------------
 }
 

@@ -65,6 +65,14 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
+def _has(tree: dict, path: tuple) -> bool:
+    try:
+        _get(tree, path)
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
 def _set(tree: dict, path: tuple, value) -> None:
     for k in path[:-1]:
         tree = tree[k]
@@ -96,6 +104,8 @@ def parse_op_name(name: str) -> Optional[tuple[int, int, str]]:
 def committed_count(masks: dict, cell_idx: int, o: OpSpec, unit: str) -> int:
     """Committed output filters of one gated unit ('sep/unit1', 'sep/unit2', 'dil/unit')."""
     path = (f"cell_{cell_idx}", op_name(o)) + tuple(unit.split("/")) + ("gate", "beta")
+    if not _has(masks, path):  # filter level off: every filter counts
+        return None
     return int(np.sum(np.asarray(_get(masks, path))))
 
 
@@ -105,15 +115,20 @@ def op_size(cell: CellSpec, cell_idx: int, o: OpSpec, masks: dict) -> int:
     c = cell.width
     if o.op in ops.CONV_OPS:
         k = ops.kernel_size(o.op)
+        n_out = c if o.out_index is None else len(o.out_index)
         if o.op.startswith("sep"):
-            k1 = committed_count(masks, cell_idx, o, "sep/unit1")
-            k3 = committed_count(masks, cell_idx, o, "sep/unit2")
+            k1 = _or(committed_count(masks, cell_idx, o, "sep/unit1"), c if o.mid is None else o.mid)
+            k3 = _or(committed_count(masks, cell_idx, o, "sep/unit2"), n_out)
             return k * k * c + c * k1 + k * k * k1 + k1 * k3
-        k1 = committed_count(masks, cell_idx, o, "dil/unit")
+        k1 = _or(committed_count(masks, cell_idx, o, "dil/unit"), n_out)
         return k * k * c + c * k1
     if o.op == "skip_connect" and cell.reduction and o.src < 2:
         return c * c
     return 0
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def size_proxy(spec: SuperNetSpec, masks: dict, cells: Optional[range] = None) -> int:
@@ -171,6 +186,8 @@ def commit(spec: SuperNetSpec, params: dict, arch: dict, masks: dict) -> CommitR
         for pre in ("pre0", "pre1"):
             t = a["t_pre"][int(pre[-1])]
             path = (cname, pre, "gate", "beta")
+            if not _has(masks, path):  # filter level off
+                continue
             old = _get(masks, path)
             new = old * (1.0 / (1.0 + np.exp(-_get(arch, path))) > t)
             filters_off += int(old.sum() - new.sum())
@@ -374,6 +391,8 @@ def shrink(spec: SuperNetSpec, variables: dict) -> tuple[SuperNetSpec, dict]:
     """
     trees = {k: to_numpy(v) for k, v in variables.items()}
     masks, arch = trees["masks"], trees["arch"]
+    if not _has(masks, ("cell_0", "pre0", "gate", "beta")):
+        return spec, trees  # filter level off: no filter is ever committed off
     new_cells = []
     for i, cell in enumerate(spec.cells):
         cname = f"cell_{i}"

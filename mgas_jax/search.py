@@ -19,6 +19,8 @@ the run, so an interrupted search resumes and ends with the same architecture.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -76,6 +78,12 @@ class Progress:
     log: list = dataclasses.field(default_factory=list)     # one line per decision, for the report
     compiles: int = 0
     compile_seconds: float = 0.0
+    batch_in_epoch: int = 0        # > 0 only in a preemption checkpoint taken inside an epoch
+    partial: Optional[dict] = None # the metric sums of those batches
+
+
+class Preempted(SystemExit):
+    """Raised after a SIGTERM once the search has checkpointed where it stood."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,10 +245,14 @@ class Searcher:
         self._steps: dict = {}
         self._eval_steps: dict = {}
         self._compiled: set = set()
+        self.stop_requested = False
         self.writer = MetricWriter(workdir)
         self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=self.cfg.keep_checkpoints)
-        self.config_hash = config_lib.config_hash(config)
-        self.semantic = config_lib.semantic_dict(config)
+        # What determines a search: seed, data and the search section (not train.* or export.*, so that
+        # mode=all can change the retraining or the targets and still resume its search).
+        full = config_lib.semantic_dict(config)
+        self.semantic = {k: full[k] for k in ("seed", "data", "search") if k in full}
+        self.config_hash = hashlib.sha256(json.dumps(self.semantic, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
     # -- structure ------------------------------------------------------------------------------
 
@@ -256,21 +268,29 @@ class Searcher:
                            batch_stats=v["batch_stats"], masks=v["masks"], opt_state=self.tx.init(trainable))
 
     def rebuild(self, spec: supernet.SuperNetSpec, state: SearchState, salt: int, *, new_optimizer: bool,
-                overrides: Optional[dict] = None) -> SearchState:
+                grows: bool, overrides: Optional[dict] = None) -> SearchState:
         """State for a new structure: fresh init, then every leaf that still fits carried over.
 
         `overrides` (collection -> numpy tree) replaces carried-over leaves first (e.g. sliced by a
-        shrink or with new commits). With new_optimizer=True (stage starts) the optimizer state starts
+        shrink or with new commits). `grows`: the new structure has tensors the old one lacks (new
+        cells, a new head, regrown ops), which are initialised fresh. With new_optimizer=True (stage starts) the optimizer state starts
         at zero; otherwise the momentum of every unchanged tensor carries over (mgas-method.md
         section 5: the optimizer state must follow every structural change).
         """
-        fresh = self.fresh_state(spec, salt)
         old = {"params": state.params, "arch": state.arch, "batch_stats": state.batch_stats, "masks": state.masks}
         old = {k: jax.device_get(v) for k, v in old.items()}
         if overrides:
             old.update(overrides)
-        carried = {k: pruning.graft(getattr(fresh, k), old[k]) for k in old}
-        opt_state = fresh.opt_state if new_optimizer else pruning.graft(fresh.opt_state, jax.device_get(state.opt_state))
+        if grows:
+            fresh = self.fresh_state(spec, salt)
+            carried = {k: pruning.graft(getattr(fresh, k), old[k]) for k in old}
+        else:
+            # nothing new to initialise (ops removed, channels sliced): skip compiling an init
+            carried = {k: pruning.prune_tree(old[k], spec) for k in old}
+        trainable = {"params": carried["params"], "arch": carried["arch"]}
+        opt_state = self.tx.init(trainable)
+        if not new_optimizer:
+            opt_state = pruning.graft(opt_state, jax.device_get(state.opt_state))
         new = SearchState(step=state.step, opt_state=opt_state, **carried)
         return parallel.replicate(new, self.mesh)
 
@@ -283,41 +303,36 @@ class Searcher:
     # -- one epoch ------------------------------------------------------------------------------
 
     def run_epoch(self, spec, state: SearchState, progress: Progress, flags) -> tuple[SearchState, dict]:
+        """One epoch (or the rest of one, after a mid-epoch preemption checkpoint)."""
         cfg = self.cfg
         step = self.step_fn(spec)
         split = self.ds.train
-        batches = split.batches(cfg.batch_size, epoch=progress.epoch, seed=self.config.seed, shuffle=True,
-                                drop_remainder=True)
-        arch_batches = None
-        if cfg.bilevel and flags[1] > 0:
-            arch_batches = self.ds.val.batches(cfg.batch_size, epoch=progress.epoch, seed=self.config.seed + 1,
-                                               shuffle=True, drop_remainder=True)
         n = split.steps_per_epoch(cfg.batch_size, True)
         if cfg.steps_per_epoch:
             n = min(n, cfg.steps_per_epoch)
         if n == 0:
             raise ValueError(f"search.batch_size = {cfg.batch_size} is larger than the training split "
                              f"({split.num_examples} examples); lower search.batch_size")
+        start = progress.batch_in_epoch
+        batches = itertools.islice(split.batches(cfg.batch_size, epoch=progress.epoch, seed=self.config.seed,
+                                                 shuffle=True, drop_remainder=True), start, n)
+        bilevel = cfg.bilevel and flags[1] > 0
+        if bilevel:
+            arch_batches = itertools.islice(self._cycle(self.ds.val, progress.epoch), start, None)
         lam = jnp.float32(progress.lam)
-        totals, count = None, 0
+        totals = None if progress.partial is None else {k: jnp.float32(v) for k, v in progress.partial.items()}
         bar = _progress_bar(n, f"stage {_stage_name(progress.stage)} {progress.phase} epoch {progress.epoch}",
                             self.config.search.progress)
+        bar.update(start)
         first = spec not in self._compiled
         t0 = time.time()
-        for i, batch in enumerate(batches):
-            if i >= n:
-                break
+        for i, batch in enumerate(batches, start):
             key = jax.random.fold_in(self.base_key, int(progress.epoch) * 1_000_003 + i)
-            if arch_batches is not None:
+            if bilevel:
                 # first-order bilevel (DARTS style): architecture on a held-out batch, then the weights
-                try:
-                    vb = next(arch_batches)
-                except StopIteration:
-                    arch_batches = self.ds.val.batches(cfg.batch_size, epoch=progress.epoch + 1,
-                                                       seed=self.config.seed + 1, shuffle=True, drop_remainder=True)
-                    vb = next(arch_batches)
                 a_flags = jnp.asarray([0.0] + list(flags[1:]), jnp.float32)
-                state, _ = step(state, parallel.shard_batch(vb, self.mesh), jax.random.fold_in(key, 1), lam, a_flags)
+                state, _ = step(state, parallel.shard_batch(next(arch_batches), self.mesh),
+                                jax.random.fold_in(key, 1), lam, a_flags)
                 w_flags = jnp.asarray([flags[0], 0, 0, 0, 0], jnp.float32)
                 state, m = step(state, parallel.shard_batch(batch, self.mesh), key, lam, w_flags)
             else:
@@ -330,12 +345,31 @@ class Searcher:
                 progress.compile_seconds += time.time() - t0
                 first = False
             totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
-            count += 1
             bar.update(1)
+            if self.stop_requested:
+                # preemption: checkpoint the exact position inside the epoch, then leave
+                progress.batch_in_epoch = i + 1
+                progress.partial = {k: float(v) for k, v in jax.device_get(totals).items()}
+                if progress.partial["finite"] != i + 1:
+                    raise FloatingPointError(f"non-finite loss or gradient in search epoch {progress.epoch}; "
+                                             f"SIGTERM received, and nothing was saved from this epoch")
+                self.save(state, progress)
+                bar.close()
+                raise Preempted(f"SIGTERM: the search stopped at epoch {progress.epoch}, batch {i + 1} of {n}, "
+                                f"and checkpointed there in {self.ckpt.directory}; run the same command again "
+                                f"to resume")
         bar.close()
-        stats = {k: float(v) / count for k, v in jax.device_get(totals).items()}
+        stats = {k: float(v) / n for k, v in jax.device_get(totals).items()}
         stats["finite"] = stats["finite"] == 1.0
+        progress.batch_in_epoch, progress.partial = 0, None
         return state, stats
+
+    def _cycle(self, split, epoch: int):
+        """The held-out split's batches, epoch after epoch (the bilevel variant's architecture data)."""
+        while True:
+            yield from split.batches(self.cfg.batch_size, epoch=epoch, seed=self.config.seed + 1, shuffle=True,
+                                     drop_remainder=True)
+            epoch += 1
 
     def evaluate(self, spec, state: SearchState, split) -> float:
         if split.num_examples == 0:
@@ -407,7 +441,7 @@ def search(config, workdir: str) -> dict:
     else:
         state, progress = restored
 
-    with _sigterm_checkpoint(s, lambda: (state, progress)) as guard:
+    with _sigterm_checkpoint(s):
         while progress.phase != "done":
             spec = s.spec_of(progress)
             if progress.phase == "start":
@@ -427,7 +461,6 @@ def search(config, workdir: str) -> dict:
             s.writer.write(progress.epoch, progress.epoch, "search",
                            dict(stats, stage=progress.stage, lam=progress.lam, finite=1.0))
             state, progress = after_epoch(s, state, progress, stats)
-            guard.update(state, progress)
             s.save(state, progress)
     s.writer.close()
     summary = export_lib.export_targets(os.path.join(workdir, "records"), progress.records,
@@ -447,7 +480,8 @@ def start_stage(s: Searcher, state: SearchState, progress: Progress, all_cells) 
     progress.cells = cells_to_json(tuple(cells))
     spec = s.spec_of(progress)
     arch = pruning.reset_thresholds(jax.device_get(state.arch))
-    state = s.rebuild(spec, state, salt=progress.stage * 7919, new_optimizer=True, overrides={"arch": arch})
+    state = s.rebuild(spec, state, salt=progress.stage * 7919, new_optimizer=True, grows=True,
+                      overrides={"arch": arch})
     lam = pruning.lambda_start(cfg.lambda0)
     progress.lam, progress.lam_d = lam.lam, lam.d
     progress.size_start = pruning.size_proxy(spec, jax.device_get(state.masks),
@@ -523,7 +557,7 @@ def commit_round(s: Searcher, spec, state: SearchState, progress: Progress, stat
     progress.cells = cells_to_json(r.spec.cells)
     new_spec = s.spec_of(progress)
     overrides = {"arch": r.arch, "masks": r.masks}
-    state = s.rebuild(new_spec, state, salt=progress.commits, new_optimizer=False, overrides=overrides)
+    state = s.rebuild(new_spec, state, salt=progress.commits, new_optimizer=False, grows=False, overrides=overrides)
     units = pruning.count_units(new_spec, r.masks)
     _log(progress, f"commit {progress.commits} (epoch {progress.epoch}): -{pruned} ops, -{r.filters_off} filters, "
                    f"-{r.weights_off} weights; now {units['ops']} ops, {units['filters']} filters, "
@@ -544,7 +578,7 @@ def shrink_now(s: Searcher, state: SearchState, progress: Progress):
         return state, progress
     progress.cells = cells_to_json(new_spec.cells)
     state = s.rebuild(s.spec_of(progress), state, salt=10_000 + progress.commits, new_optimizer=False,
-                      overrides=trees)
+                      grows=False, overrides=trees)
     return state, progress
 
 
@@ -566,7 +600,7 @@ def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
         arch = pruning.reset_regrown(arch, grown)
         # regrown ops were pruned out of every tree at their commit, so they start fresh here
         state = s.rebuild(s.spec_of(progress), state, salt=20_000 + progress.stage, new_optimizer=False,
-                          overrides={"arch": arch})
+                          grows=True, overrides={"arch": arch})
     return state, progress
 
 
@@ -592,30 +626,27 @@ def _log(progress: Progress, line: str) -> None:
 
 
 class _sigterm_checkpoint:
-    """On SIGTERM (preemption) save the last finished epoch's state, then exit cleanly.
+    """On SIGTERM (what TPU VMs and schedulers send before preemption) stop at the next step boundary.
 
-    The handler only sets a flag; the loop saves at the end of every epoch anyway, so the latest
-    checkpoint is at most one epoch old and never half-written (orbax commits atomically).
+    The handler only sets a flag: the epoch loop then checkpoints the exact position (epoch, batch,
+    partial metric sums) and raises `Preempted`, so nothing is half-written (orbax commits atomically)
+    and the next run resumes at the following batch.
     """
 
-    def __init__(self, searcher: Searcher, get):
+    def __init__(self, searcher: Searcher):
         self.searcher = searcher
-        self.latest = get()
-
-    def update(self, state, progress):
-        self.latest = (state, progress)
 
     def __enter__(self):
         self._old = None
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
+        except ValueError:  # not the main thread: no handler, the epoch checkpoints still hold
             pass
         return self
 
     def _handle(self, signum, frame):
-        raise SystemExit(f"SIGTERM: the search stops; its last finished epoch is checkpointed in "
-                         f"{self.searcher.ckpt.directory}; run the same command again to resume")
+        logging.warning("SIGTERM received: checkpointing at the next step")
+        self.searcher.stop_requested = True
 
     def __exit__(self, *exc):
         if self._old is not None:

@@ -1,0 +1,141 @@
+"""mode=all end to end on configs/tiny.py (search -> retrain 1 epoch of 2 steps -> evaluate -> reports),
+mode=evaluate on an untrained export, and the report pieces on hand-made inputs."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from mgas_jax import config as config_lib
+from mgas_jax import evaluation, export, modes, reports
+from mgas_jax.genotype import CellSpec, OpSpec, cells_to_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def tiny_config(mode="all"):
+    config = config_lib.load_config(TINY)
+    config.mode = mode
+    config.train.epochs = 1
+    config.train.steps_per_epoch = 2
+    config.evaluate.throughput_batch_size = 16
+    config.evaluate.throughput_warmup = 1
+    config.evaluate.throughput_steps = 2
+    return config
+
+
+def assert_png(path):
+    assert os.path.isfile(path), path
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50, (path, img.shape)
+    assert img.std() > 0.01, f"{path} is blank"
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("all")
+    result = modes.run(tiny_config(), str(workdir))
+    return workdir, result
+
+
+def test_all_mode_end_to_end(everything):
+    workdir, result = everything
+    # search
+    assert "path" in result["search"]["100000"] and "error" in result["search"]["1000"]
+    assert os.path.isfile(workdir / "search" / "search_result.json")
+    # retraining of the one reachable target, from scratch, with the short protocol
+    results = json.loads((workdir / "retrain" / "arch_100000" / "results.json").read_text())
+    assert results["epochs"] == 1 and results["steps"] == 2
+    record = json.loads((workdir / "search" / "export" / "arch_100000.json").read_text())
+    assert results["params"] == record["params"]
+    assert (workdir / "retrain" / "arch_100000" / "architecture.npz").is_file()
+    # evaluation of its checkpoint
+    ev = json.loads((workdir / "evaluation.json").read_text())["models"]["arch_100000"]
+    assert ev["trained"] and ev["epoch"] == 1
+    assert ev["test"]["top1"] == pytest.approx(results["test"]["top1"], abs=1e-6)
+    assert ev["params"] == record["params"] and ev["flops"] == results["flops"]
+    assert ev["throughput"]["images_per_s"] > 0 and ev["throughput"]["batch_size"] == 16
+    # reports
+    report = workdir / "report"
+    for name in ("accuracy_vs_params.png", "curves_search.png", "curves_retrain.png", "search_records.png",
+                 "sparsity_arch_100000.png"):
+        assert_png(str(report / name))
+    for i in range(3):
+        assert_png(str(report / "cells" / f"arch_100000_cell{i}.png"))
+    summary = (report / "summary.md").read_text()
+    assert "| arch_100000 | 100,000 |" in summary
+    assert f"{record['params']['nonzero']:,}" in summary and f"{100 * results['test']['top1']:.2f} %" in summary
+    for link in ("accuracy_vs_params.png", "sparsity_arch_100000.png", "cells/arch_100000_cell0.png"):
+        assert f"]({link})" in summary
+    assert "target 1000:" in summary  # the unreachable target is reported, not hidden
+    assert os.path.isfile(workdir / "all_result.json")
+
+
+def test_evaluate_an_untrained_export(everything, tmp_path):
+    workdir, _ = everything
+    shutil.copytree(workdir / "search" / "export", tmp_path / "search" / "export")
+    config = tiny_config("evaluate")
+    result = modes.run(config, str(tmp_path))
+    ev = result["models"]["arch_100000"]
+    record = json.loads((tmp_path / "search" / "export" / "arch_100000.json").read_text())
+    assert not ev["trained"] and ev["test"] is None
+    assert ev["params"] == record["params"] and ev["flops"]["nonzero"] <= ev["flops"]["dense"]
+    assert json.loads((tmp_path / "evaluation.json").read_text())["models"]["arch_100000"]["trained"] is False
+    config.export.architecture = "arch_777"
+    with pytest.raises(FileNotFoundError, match="arch_100000.json"):
+        evaluation.evaluate(config, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces, on hand-made inputs
+
+CELL = CellSpec(reduction=True, width=6, steps=2, concat=(2, 3), pre0_index=(0, 1, 2, 4), ops=(
+    OpSpec(0, 0, "sep_conv_3x3", mid=4, out_index=(0, 1, 3)),
+    OpSpec(0, 0, "max_pool_3x3"),
+    OpSpec(0, 1, "skip_connect", out_index=(0, 5)),
+    OpSpec(1, 1, "dil_conv_5x5"),
+    OpSpec(1, 2, "avg_pool_3x3"),
+    OpSpec(1, 0, "sep_conv_5x5")))
+
+
+def test_op_labels_show_widths():
+    labels = [reports.op_label(CELL, o) for o in CELL.ops]
+    assert labels == ["sep3x3 4/3", "max3x3", "skip FR 2", "dil5x5 6", "avg3x3", "sep5x5 6/6"]
+
+
+def test_cell_sparsity_by_hand():
+    record = {"cells": cells_to_json([CELL]), "config": {"search": {"init_channels": 4, "layers": 3, "steps": 2}}}
+    masks = {"cell_0/op_0_0_sep_conv_3x3/sep/unit1/dw/kernel": np.array([1, 0, 0, 1]),
+             "cell_0/op_1_1_dil_conv_5x5/dil/unit/pw/kernel": np.ones(6),
+             "cell_1/x/kernel": np.zeros(100)}
+    # the record names one cell but a 3-cell search: no full widths, each cell's own width is used
+    [row] = reports.cell_sparsity(record, masks)
+    assert row["ops"] == 6 and row["ops_total"] == 7 * 5
+    # pre 4 + 6, sep3 4 + 3, skip FR 2, dil 6, sep5 6 + 6 of 6 + 6 + 12 + 6 + 6 + 12
+    assert (row["filters"], row["filters_total"]) == (37, 48)
+    assert (row["weights"], row["weights_total"]) == (8, 10)
+
+
+def test_figures_and_summary_render(tmp_path):
+    assert_png(reports.draw_cell(CELL, str(tmp_path / "cell.png")))
+    rows = [dict(cell=0, reduction=False, ops=3, ops_total=14, filters=10, filters_total=20, weights=5,
+                 weights_total=50), dict(cell=1, reduction=True, ops=1, ops_total=14, filters=2, filters_total=40,
+                                         weights=0, weights_total=0)]
+    assert_png(reports.plot_sparsity(rows, str(tmp_path / "sparsity.png"), "t"))
+    series = {"MGAS": [dict(params=1000, top1=0.9, top1_std=0.01, label="a"), dict(params=500, top1=0.8)],
+              "fixed": [dict(params=1000, top1=0.85)]}
+    assert_png(reports.plot_accuracy_vs_params(series, str(tmp_path / "acc.png")))
+    events = [dict(step=s, epoch=s, split="search", loss=2.0 / s, ce=1.5 / s, reg=0.1, accuracy=0.1 * s,
+                   stage=1 if s < 3 else 4) for s in range(1, 6)]
+    assert_png(reports.plot_search_curves(events, str(tmp_path / "search.png")))
+    runs = {"a": [dict(step=s, split="train", loss=1.0 / s, top1=0.1 * s) for s in range(1, 4)]
+            + [dict(step=3, split="val", top1=0.2)]}
+    assert_png(reports.plot_retrain_curves(runs, str(tmp_path / "retrain.png")))
+    assert reports.plot_retrain_curves({}, str(tmp_path / "none.png")) is None
+    # a workdir with nothing in it still gets a summary that says so
+    out = reports.write_reports(str(tmp_path / "empty"))
+    text = open(out["summary"]).read()
+    assert "no exported or retrained architecture" in text and "no search metrics" in text

@@ -1,0 +1,214 @@
+"""Retraining exported architectures (retrain.py), their evaluation, and the baselines (baselines.py).
+
+One tiny search (configs/tiny.py) per module; its 100k export is retrained for 1 epoch of 2 steps.
+Covers: pruned weights are exactly zero after retraining (read back from the checkpoint) and the
+checkpoint's masks are the export's; the rebuilt network has exactly the recorded parameter counts (every
+final-phase record), and a record that disagrees is refused naming both; a rerun resumes to the same
+numbers; FLOPs of derived cells with inner widths (mid) and partial outputs (out_index), by hand; the
+fixed-ratio baseline matches the MGAS export's non-zero count with one uniform keep ratio.
+"""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from mgas_jax import baselines, evaluation, export, network, parallel, retrain, search
+from mgas_jax import config as config_lib
+from mgas_jax.genotype import CellSpec, OpSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def tiny_config():
+    config = config_lib.load_config(TINY)
+    config.train.epochs = 1
+    config.train.steps_per_epoch = 2
+    config.evaluate.throughput_batch_size = 16
+    config.evaluate.throughput_warmup = 1
+    config.evaluate.throughput_steps = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    result = search.search(tiny_config(), str(workdir / "search"))
+    assert "path" in result["summary"]["100000"], result["summary"]
+    return workdir, result
+
+
+@pytest.fixture(scope="module")
+def retrained(searched):
+    workdir, result = searched
+    path = result["summary"]["100000"]["path"]
+    run_dir = str(workdir / "retrain" / "arch_100000")
+    return path, run_dir, retrain.retrain_architecture(tiny_config(), path, run_dir)
+
+
+def test_pruned_weights_stay_exactly_zero(searched, retrained):
+    workdir, _ = searched
+    path, run_dir, results = retrained
+    config = tiny_config()
+    [model] = evaluation.find_models(config, str(workdir))
+    assert model.run_dir == run_dir and model.name == "arch_100000"
+    spec = evaluation.model_spec(model, evaluation.run_config(run_dir), 10)
+    state, meta = evaluation.restore(model, spec, (8, 8, 1), parallel.make_mesh())
+    assert int(state.step) == results["steps"] == 2 and meta["epoch"] == 1
+    params = traverse_util.flatten_dict(jax.device_get(state.params))
+    masks = traverse_util.flatten_dict(jax.device_get(state.masks))
+    exported = traverse_util.flatten_dict(model.masks)
+    assert set(masks) == set(exported) and masks
+    pruned = 0
+    for p, m in masks.items():
+        np.testing.assert_array_equal(m, exported[p])      # the masks never changed
+        assert np.all(params[p][m == 0] == 0.0), p          # exactly zero, not small
+        pruned += int(np.sum(m == 0))
+    assert pruned > 0, "the tiny search pruned no weight: the test would prove nothing"
+    # the unpruned weights did train
+    assert any(np.any(params[p][m == 1] != 0) for p, m in masks.items())
+
+
+def test_rebuilt_networks_have_the_recorded_parameter_counts(searched, retrained):
+    workdir, result = searched
+    config = tiny_config()
+    assert result["records"]
+    for rec in result["records"]:  # every final-phase commit, with and without the auxiliary head
+        record, spec, masks = export.load_architecture(rec["path"])
+        for aux in (False, True):
+            config.model.auxiliary = aux
+            spec = retrain.retraining_spec(config, record)
+            assert retrain.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
+    path, _, results = retrained
+    with open(path) as f:
+        record = json.load(f)
+    assert results["params"] == record["params"]
+    assert results["architecture"]["params"] == record["params"]
+    assert 0 < results["flops"]["nonzero"] < results["flops"]["dense"]
+    assert 0.0 <= results["test"]["top1"] <= results["test"]["top5"] <= 1.0
+
+
+def test_a_record_that_disagrees_is_refused_naming_both(searched, tmp_path):
+    _, result = searched
+    src = result["summary"]["100000"]["path"]
+    with open(src) as f:
+        record = json.load(f)
+    shutil.copy(os.path.join(os.path.dirname(src), record["masks"]), tmp_path / record["masks"])
+    true_nonzero = record["params"]["nonzero"]
+    record["params"]["nonzero"] = true_nonzero + 7
+    bad = tmp_path / "arch_100000.json"
+    bad.write_text(json.dumps(record))
+    with pytest.raises(export.ExportError) as e:
+        retrain.retrain_architecture(tiny_config(), str(bad), str(tmp_path / "retrain"))
+    assert f"{true_nonzero} non-zero" in str(e.value) and f"{true_nonzero + 7} non-zero" in str(e.value)
+    assert not (tmp_path / "retrain" / "checkpoints").exists()  # refused before any training
+
+
+def test_rerun_resumes_to_the_same_results(retrained):
+    path, run_dir, first = retrained
+    again = retrain.retrain_architecture(tiny_config(), path, run_dir)
+    assert again["test"] == first["test"] and again["steps"] == first["steps"]
+    assert again["flops"] == first["flops"] and again["params"] == first["params"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs of derived MGAS cells (hand-computed)
+
+def derived_spec():
+    """A normal cell with a narrowed sep_conv (mid 3, 2 output channels), a one-channel dil_conv and a
+    narrowed pre1, then a reduction cell with a FactorizedReduce skip writing channels (0, 3) and a
+    sep_conv of inner width 2; 4x4x1 inputs, stem of 2 channels."""
+    normal = CellSpec(reduction=False, width=4, steps=1, concat=(2,), pre1_index=(0, 1, 3), ops=(
+        OpSpec(0, 0, "dil_conv_3x3", out_index=(1,)),
+        OpSpec(0, 0, "avg_pool_3x3"),
+        OpSpec(0, 1, "sep_conv_3x3", mid=3, out_index=(0, 2)),
+        OpSpec(0, 1, "skip_connect")))
+    reduce = CellSpec(reduction=True, width=4, steps=1, concat=(2,), ops=(
+        OpSpec(0, 0, "sep_conv_3x3", mid=2),
+        OpSpec(0, 1, "skip_connect", out_index=(0, 3))))
+    return network.NetworkSpec(cells=(normal, reduce), num_classes=10, stem_channels=2, pool_bn=True, masked=True)
+
+
+def test_flops_of_derived_cells_with_mid_and_out_index():
+    spec = derived_spec()
+    # multiply-adds = kernel entries x output positions; 16 positions at 4x4, 4 after the reduction
+    stem = 3 * 3 * 1 * 2 * 16
+    cell0 = (1 * 1 * 2 * 4 * 16                  # pre0: 2 -> 4
+             + 1 * 1 * 2 * 3 * 16                # pre1: 2 -> 3 kept channels
+             + 3 * 3 * 4 * 16 + 4 * 1 * 16       # dil: depthwise on 4, pointwise 4 -> 1
+             + 3 * 3 * 4 * 16 + 4 * 3 * 16       # sep unit 1: depthwise on 4, pointwise 4 -> mid 3
+             + 3 * 3 * 3 * 16 + 3 * 2 * 16)      # sep unit 2: depthwise on 3, pointwise 3 -> 2
+    cell1 = (1 * 1 * 2 * 4 * 16                  # pre0 (after a normal cell: conv) on the stem's 2 channels
+             + 1 * 1 * 4 * 4 * 16                # pre1 on cell 0's 1 x 4 channels
+             + 3 * 3 * 4 * 4 + 4 * 2 * 4         # sep (stride 2): depthwise 4, pointwise 4 -> 2
+             + 3 * 3 * 2 * 4 + 2 * 4 * 4         # depthwise 2, pointwise 2 -> 4
+             + 4 * 1 * 4 + 4 * 1 * 4)            # FactorizedReduce: one channel (0) from conv1, one (3) from conv2
+    classifier = 4 * 10
+    assert network.count_flops(spec, (4, 4, 1)) == stem + cell0 + cell1 + classifier == 3184
+
+    # The layer list agrees with the network that is actually built.
+    shapes = jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)),
+                                                               train=False))
+    params = traverse_util.flatten_dict(shapes["params"])
+    for path, shape, _ in network.conv_layers(spec, (4, 4, 1)):
+        assert params[path].shape == shape, path
+
+    masks = {p: np.ones(v.shape, np.float32) for p, v in traverse_util.flatten_dict(shapes["masks"]).items()}
+    masks[("cell_0", "op_0_1_sep_conv_3x3", "sep", "unit1", "pw", "kernel")].reshape(-1)[:5] = 0   # 5 x 16
+    masks[("cell_1", "op_0_0_sep_conv_3x3", "sep", "unit1", "dw", "kernel")].reshape(-1)[:3] = 0   # 3 x 4
+    nested = traverse_util.unflatten_dict(masks)
+    assert network.count_flops(spec, (4, 4, 1), nested) == 3184 - 5 * 16 - 3 * 4
+    assert retrain.flops(spec, (4, 4, 1), nested) == {"dense": 3184, "nonzero": 3184 - 92}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Baselines
+
+def test_uniform_keep_counts():
+    assert baselines.uniform_keep_counts([10, 10, 20], 20) == [5, 5, 10]
+    counts = baselines.uniform_keep_counts([9, 36, 100, 7], 50)
+    assert sum(counts) == 50 and all(1 <= c <= n for c, n in zip(counts, [9, 36, 100, 7]))
+    ratio = 50 / 152
+    assert all(abs(c - ratio * n) <= 1.0 + 1e-9 for c, n in zip(counts, [9, 36, 100, 7]))
+    assert baselines.uniform_keep_counts([3, 4], 7) == [3, 4]
+    with pytest.raises(ValueError):
+        baselines.uniform_keep_counts([3, 4], 1)
+
+
+def test_fixed_ratio_baseline_matches_the_mgas_count(searched, tmp_path):
+    _, result = searched
+    src = result["summary"]["100000"]["path"]
+    path = baselines.fixed_ratio_export(src, str(tmp_path / "fixed"), seed=3)
+    assert os.path.basename(path) == "arch_100000.json"
+    source, _, _ = export.load_architecture(src)
+    record, spec, masks = export.load_architecture(path)   # a valid export: masks fit its network
+    assert record["params"]["nonzero"] == source["params"]["nonzero"]
+    assert retrain.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
+    # same ops, every filter back: widths of the super-net (C = 4, doubled at each reduction)
+    assert [len(c["ops"]) for c in record["cells"]] == [len(c["ops"]) for c in source["cells"]]
+    assert [c.width for c in spec.cells] == [4, 8, 16]
+    assert all(o.mid is None and o.out_index is None for c in spec.cells for o in c.ops)
+    # one keep ratio for every masked kernel (to within one weight)
+    r = record["baseline"]["keep_ratio"]
+    for p, m in traverse_util.flatten_dict(masks).items():
+        assert abs(m.sum() - r * m.size) <= 1.0 + 1e-6, p
+    assert record["baseline"]["kind"] == "fixed_ratio" and "fresh" in record["baseline"]["magnitudes"]
+    # deterministic, and written once
+    assert baselines.fixed_ratio_export(src, str(tmp_path / "fixed"), seed=3) == path
+    with pytest.raises(export.ExportError, match="never overwritten"):
+        baselines.fixed_ratio_export(src, str(tmp_path / "fixed"), seed=4)
+    with pytest.raises(export.ExportError, match="cannot have 10 non-zero"):
+        baselines.fixed_ratio_export(src, str(tmp_path / "small"), target=10)
+
+
+def test_op_level_config():
+    config = tiny_config()
+    op = baselines.op_level_config(config)
+    assert (op.search.filter_level, op.search.weight_level) == (False, False)
+    assert (config.search.filter_level, config.search.weight_level) == (True, True)
+    config_lib.validate(op)
