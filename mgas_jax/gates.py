@@ -133,8 +133,9 @@ def protect_last_op(live: jax.Array, active: jax.Array, alpha: jax.Array, node_o
 def op_gate(alpha: jax.Array, t_op: jax.Array, active: jax.Array, node_of_edge) -> tuple[jax.Array, jax.Array]:
     """Op-level discretization: gates sigma(alpha) * m with m = protect(H(sigma(alpha) - t_op) * active).
 
-    The hard step keeps its surrogate gradient; the protection only ever switches a mask on, and a
-    protected op's gate is sigma(alpha) (its step value is replaced by 1 without gradient to t_op).
+    The hard step keeps its surrogate gradient; the protection only ever switches a mask on: a
+    protected op's forward gate is sigma(alpha), and its step's surrogate gradient still reaches alpha
+    and t_op (so a protected op can be pushed back above its threshold).
 
     Args:
       alpha: (E, O) op scores of one cell.

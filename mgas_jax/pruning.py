@@ -358,6 +358,13 @@ def _take(trees: dict, base: tuple, rel: tuple, axis: int, idx: np.ndarray) -> N
         _set(tree, base + rel, np.take(leaf, idx, axis=axis))
 
 
+def _drop(trees: dict, path: tuple) -> None:
+    """Remove the subtree at `path` from every collection that holds it."""
+    for tree in trees.values():
+        if _has(tree, path):
+            del _get(tree, path[:-1])[path[-1]]
+
+
 def _shrink_unit(trees: dict, base: tuple, unit: str, idx: np.ndarray, next_dw: Optional[str], next_pw: Optional[str]):
     """Keep output channels `idx` of a ConvUnit (pw kernel, BN, gate) and the matching inputs downstream."""
     u = base + tuple(unit.split("/"))
@@ -405,8 +412,11 @@ def shrink(spec: SuperNetSpec, variables: dict) -> tuple[SuperNetSpec, dict]:
             fr = "fr" in _get(trees["params"], base)
             if fr:
                 n1 = sum(1 for c in old if c < width // 2)
-                _take(trees, base, ("fr", "conv1", "kernel"), 3, idx[idx < n1])
-                _take(trees, base, ("fr", "conv2", "kernel"), 3, idx[idx >= n1] - n1)
+                for conv, part in (("conv1", idx[idx < n1]), ("conv2", idx[idx >= n1] - n1)):
+                    if part.size:
+                        _take(trees, base, ("fr", conv, "kernel"), 3, part)
+                    else:  # a half with no channel left is not built at all (ops.FactorizedReduce)
+                        _drop(trees, base + ("fr", conv))
                 for leaf in ("mean", "var", "scale", "bias"):
                     _take(trees, base, ("fr", "bn", leaf), 0, idx)
             else:

@@ -108,8 +108,8 @@ def _run_all(commands: list) -> list:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for i, (rc, stdout, stderr) in enumerate(outs):
-        assert rc == 0, f"process {i} of {commands[i][3:]} exited with {rc}:\n{stderr[-4000:]}"
+    failed = [f"worker {c[3:]} exited with {rc}:\n{stderr[-3000:]}" for c, (rc, _, stderr) in zip(commands, outs) if rc]
+    assert not failed, "\n\n".join(failed)
     return [json.loads([l for l in stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
             for _, stdout, _ in outs]
 

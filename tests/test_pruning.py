@@ -690,3 +690,62 @@ def test_shrink_and_commit_again_change_nothing(shrink_case):
     assert res.removed == [] and res.filters_off == 0 and res.weights_off == 0
     assert res.spec == c["new_spec"]
     chex.assert_trees_all_equal(res.masks, c["shrunk"]["masks"])
+
+
+def variable_shapes(spec):
+    """{(collection, ...path): shape} of SuperNet(spec)'s variables (traced only, nothing computed)."""
+    x = jnp.zeros((2,) + INPUT, jnp.float32)
+    shapes = jax.eval_shape(lambda: S.SuperNet(spec).init(jax.random.key(0, impl="rbg"), x, train=False))
+    return {path: tuple(s.shape) for path, s in leaves(dict(shapes)).items()}
+
+
+@pytest.mark.parametrize("half", [None, "first", "second"])
+def test_shrunk_variables_have_the_structure_of_the_new_spec(shrink_case, half):
+    """After shrinking, the variables are exactly what SuperNet(new spec).init gives, leaf for leaf.
+
+    half: the FactorizedReduce preprocess of cell 2 keeps channels of one half only, so one of its two
+    convs has no output channel left (the new spec does not build it).
+    """
+    c = shrink_case
+    variables, spec = c["pruned"], c["res"].spec
+    if half is not None:
+        variables = copy(variables)
+        m = variables["masks"]["cell_2"]["pre0"]["gate"]["beta"]
+        m[:] = 1.0
+        m[8:] = 0.0
+        if half == "second":
+            m[:] = 1.0 - m
+    new_spec, shrunk = P.shrink(spec, variables)
+    expected = variable_shapes(new_spec)
+    got = {path: tuple(np.shape(x)) for path, x in leaves(shrunk).items()}
+    extra, missing = sorted(set(got) - set(expected)), sorted(set(expected) - set(got))
+    assert not extra and not missing, f"leaves the new spec does not have: {extra}; missing: {missing}"
+    assert got == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# operation level only (filter_level = weight_level = False: no filter or weight masks at all)
+# ---------------------------------------------------------------------------------------------------
+
+def test_op_level_only_commit_size_and_shrink():
+    spec = S.SuperNetSpec(S.full_cells(C, LAYERS, steps=STEPS), num_classes=10, stem_channels=3 * C,
+                          filter_level=False, weight_level=False)
+    arch = {f"cell_{i}": {k: np.zeros((5, 7), np.float32) for k in ("alpha", "t_op", "t_k", "t_w")}
+            for i in range(LAYERS)}
+    for a in arch.values():
+        a["t_pre"] = np.zeros(2, np.float32)
+    arch["cell_1"]["t_op"][3, idx("sep_conv_5x5")] = 0.6
+    arch["cell_1"]["t_k"][:] = arch["cell_1"]["t_w"][:] = 0.9
+    res = P.commit(spec, {}, arch, {})
+    assert [(i, o.edge, o.op) for i, o in res.removed] == [(1, 3, "sep_conv_5x5")]
+    assert res.filters_off == 0 and res.weights_off == 0 and res.masks == {}
+    # without masks every filter counts, at the op's own widths
+    assert P.size_proxy(spec, {}) == 25640
+    c0 = spec.cells[0]
+    sep3 = dataclasses.replace(op_spec(c0, 0, 0, "sep_conv_3x3"), mid=2, out_index=(0, 1, 2))
+    assert P.op_size(c0, 0, sep3, {}) == 9 * 4 + 4 * 2 + 9 * 2 + 2 * 3
+    dil5 = dataclasses.replace(op_spec(c0, 0, 0, "dil_conv_5x5"), out_index=(1,))
+    assert P.op_size(c0, 0, dil5, {}) == 25 * 4 + 4 * 1
+    assert P.count_units(res.spec, {}) == dict(ops=104, filters=0, filters_total=0, weights=0, weights_total=0)
+    same, trees = P.shrink(res.spec, {"params": {}, "arch": res.arch, "batch_stats": {}, "masks": {}})
+    assert same == res.spec

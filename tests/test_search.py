@@ -168,3 +168,48 @@ def test_workdir_of_another_config_is_refused(searched, tmp_path):
     with pytest.raises(ckpt_lib.ConfigMismatchError, match="search.lr"):
         run(workdir, config)
     assert _snapshot(workdir) == before
+
+
+def test_non_finite_loss_stops_with_step_stage_and_no_checkpoint(tmp_path, monkeypatch):
+    from mgas_jax import checkpoint as ckpt_lib
+    from mgas_jax import pruning
+
+    # lambda is a run-time input of the compiled step: a NaN there poisons the loss of the first step
+    monkeypatch.setattr(pruning, "lambda_start", lambda lambda0: pruning.LambdaState(float("nan"), 0.0))
+    workdir = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match=r"epoch 0 \(stage 1, warmup\).*last good checkpoint is epoch None"):
+        run(workdir)
+    assert ckpt_lib.Checkpointer(str(workdir / "checkpoints"), max_to_keep=3).latest_step() is None
+
+
+def test_exports_are_never_overwritten_and_masks_must_match(searched, tmp_path):
+    import shutil
+
+    _, result = searched
+    src = result["summary"]["100000"]["path"]
+    rec = json.load(open(src))
+    d = tmp_path / "exp"
+    d.mkdir()
+    shutil.copy(src, d / "a.json")
+    shutil.copy(os.path.join(os.path.dirname(src), rec["masks"]), d / rec["masks"])
+    export.load_architecture(str(d / "a.json"))  # a faithful copy loads
+    # another search's content at an existing export path is refused, the file stays
+    before = open(src, "rb").read()
+    with pytest.raises(export.ExportError, match="never overwritten"):
+        export._write_once(src, b"{}")
+    assert open(src, "rb").read() == before
+    # masks of the wrong shape (or missing) do not match the network
+    with np.load(d / rec["masks"]) as z:
+        masks = {k: z[k] for k in z.files}
+    key = sorted(masks)[0]
+    masks[key] = np.ones(masks[key].shape[:-1] + (masks[key].shape[-1] + 1,), np.uint8)
+    np.savez(d / rec["masks"], **masks)
+    with pytest.raises(export.ExportError, match="wrong shape"):
+        export.load_architecture(str(d / "a.json"))
+    del masks[key]
+    np.savez(d / rec["masks"], **masks)
+    with pytest.raises(export.ExportError, match="no mask for"):
+        export.load_architecture(str(d / "a.json"))
+    (d / "b.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(export.ExportError, match="not an MGAS architecture"):
+        export.load_architecture(str(d / "b.json"))
