@@ -109,10 +109,11 @@ def derive_cells(spec: supernet.SuperNetSpec, masks: dict) -> tuple:
     op is the last one into its node.
     """
     cells = []
+    on = pruning.committed_ops(masks, spec)
     for i, cell in enumerate(spec.cells):
         keep = []
         for node in range(cell.steps):
-            into = cell.ops_into(node)
+            into = tuple(o for o in cell.ops_into(node) if on[i][o.edge, o.op_index] > 0)
             alive = [o for o in into if not _dead(masks, i, o)]
             keep.extend(alive if alive else into[:1])
         order = lambda o: (o.node, o.src, o.op_index)

@@ -132,9 +132,11 @@ def _or(value, default):
 
 
 def size_proxy(spec: SuperNetSpec, masks: dict, cells: Optional[range] = None) -> int:
-    """Sum of op sizes over the given cells (default all built cells)."""
+    """Sum of op sizes over the committed ops of the given cells (default all built cells)."""
     cells = range(len(spec.cells)) if cells is None else cells
-    return int(sum(op_size(spec.cells[i], i, o, masks) for i in cells for o in spec.cells[i].ops))
+    on = committed_ops(masks, spec)
+    return int(sum(op_size(spec.cells[i], i, o, masks) for i in cells for o in spec.cells[i].ops
+                   if on[i][o.edge, o.op_index] > 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,26 +152,41 @@ class CommitResult:
     weights_off: int       # weights newly committed off
 
 
-def op_live_masks(arch: dict, spec: SuperNetSpec) -> list[np.ndarray]:
+def committed_ops(masks: dict, spec: SuperNetSpec) -> list[np.ndarray]:
+    """(E, 7) 0/1 committed op masks of every built cell: present in the spec and not committed off."""
+    out = []
+    for i, cell in enumerate(spec.cells):
+        m = active_matrix(cell)
+        if _has(masks, (f"cell_{i}", "ops")):
+            m = m * np.asarray(_get(masks, (f"cell_{i}", "ops")))
+        out.append(m)
+    return out
+
+
+def op_live_masks(arch: dict, spec: SuperNetSpec, masks: Optional[dict] = None) -> list[np.ndarray]:
     """Protected live op masks (E, 7) of every built cell."""
+    active = committed_ops(masks or {}, spec)
     out = []
     for i, cell in enumerate(spec.cells):
         a = arch[f"cell_{i}"]
-        _, live = gates.op_gate(a["alpha"], a["t_op"], active_matrix(cell), gates.edge_nodes(cell.steps))
+        _, live = gates.op_gate(a["alpha"], a["t_op"], active[i], gates.edge_nodes(cell.steps))
         out.append(np.asarray(live))
     return out
 
 
-def commit(spec: SuperNetSpec, params: dict, arch: dict, masks: dict) -> CommitResult:
+def commit(spec: SuperNetSpec, params: dict, arch: dict, masks: dict, *, remove: bool = True) -> CommitResult:
     """Refresh the committed masks from the live ones at all three granularities.
 
-    Ops whose live mask is 0 leave the spec (their alpha is pushed to REMOVED_ALPHA); filter masks
-    become committed AND (sigma(beta) > t); weight masks committed AND (|w| > t_w). Filter scores of
+    Ops whose live mask is 0 are committed off (their alpha is pushed to REMOVED_ALPHA): with
+    `remove` they leave the spec (with every op committed off earlier), otherwise their entry of the
+    cell's `ops` mask becomes 0 and the structure stays (no recompilation). Filter masks become
+    committed AND (sigma(beta) > t); weight masks committed AND (|w| > t_w). Filter scores of
     FactorizedReduce have no threshold and are not committed here.
     """
     arch, masks = to_numpy(arch), to_numpy(masks)
     params = to_numpy(params)
-    live = op_live_masks(arch, spec)
+    live = op_live_masks(arch, spec, masks)
+    before = committed_ops(masks, spec)
     new_cells, removed = [], []
     filters_off = weights_off = 0
     for i, cell in enumerate(spec.cells):
@@ -177,12 +194,20 @@ def commit(spec: SuperNetSpec, params: dict, arch: dict, masks: dict) -> CommitR
         a = arch[cname]
         keep = []
         for o in cell.ops:
-            if live[i][o.edge, o.op_index] > 0:
+            on_before = before[i][o.edge, o.op_index] > 0
+            if on_before and live[i][o.edge, o.op_index] > 0:
                 keep.append(o)
-            else:
+                continue
+            if on_before:
                 removed.append((i, o))
                 a["alpha"][o.edge, o.op_index] = REMOVED_ALPHA
-        new_cells.append(dataclasses.replace(cell, ops=tuple(keep)))
+            if not remove:
+                keep.append(o)  # stays built, gated off by its committed mask
+                masks[cname].setdefault("ops", active_matrix(cell))[o.edge, o.op_index] = 0.0
+        new_cell = dataclasses.replace(cell, ops=tuple(keep))
+        if remove and cname in masks:
+            masks[cname]["ops"] = active_matrix(new_cell)
+        new_cells.append(new_cell)
         for pre in ("pre0", "pre1"):
             t = a["t_pre"][int(pre[-1])]
             path = (cname, pre, "gate", "beta")
@@ -192,7 +217,7 @@ def commit(spec: SuperNetSpec, params: dict, arch: dict, masks: dict) -> CommitR
             new = old * (1.0 / (1.0 + np.exp(-_get(arch, path))) > t)
             filters_off += int(old.sum() - new.sum())
             _set(masks, path, new.astype(np.float32))
-        kept = {op_name(o): o for o in keep}
+        kept = {op_name(o): o for o in keep if live[i][o.edge, o.op_index] > 0}
         for path, m in list(_walk(masks.get(cname, {}))):
             name = path[0]
             if name not in kept:
@@ -460,6 +485,28 @@ def _normalise(cell: CellSpec) -> CellSpec:
     return dataclasses.replace(cell, ops=tuple(new))
 
 
+def drop_committed_off(spec: SuperNetSpec, trees: dict) -> tuple[SuperNetSpec, dict]:
+    """Remove ops committed off inside a stage from the structure (and from every collection)."""
+    on = committed_ops(trees["masks"], spec)
+    cells = []
+    for i, cell in enumerate(spec.cells):
+        new_cell = dataclasses.replace(cell, ops=tuple(o for o in cell.ops if on[i][o.edge, o.op_index] > 0))
+        if f"cell_{i}" in trees["masks"]:
+            trees["masks"][f"cell_{i}"]["ops"] = active_matrix(new_cell)
+        cells.append(new_cell)
+    new_spec = dataclasses.replace(spec, cells=tuple(cells))
+    return new_spec, {k: prune_tree(v, new_spec) for k, v in trees.items()}
+
+
+def enable_ops(masks: dict, grown: list) -> dict:
+    """Committed op mask 1 for regrown ops."""
+    masks = to_numpy(masks)
+    for i, o in grown:
+        if _has(masks, (f"cell_{i}", "ops")):
+            masks[f"cell_{i}"]["ops"][o.edge, o.op_index] = 1.0
+    return masks
+
+
 # ----------------------------------------------------------------------------------------------
 # Thresholds
 
@@ -475,10 +522,18 @@ def reset_thresholds(arch: dict) -> dict:
 
 
 def count_units(spec: SuperNetSpec, masks: dict) -> dict:
-    """Committed units per granularity: ops, filters (conv outputs), weights (sep/dil kernels)."""
-    n_ops = sum(len(c.ops) for c in spec.cells)
+    """Committed units per granularity: ops, filters (conv outputs), weights (sep/dil kernels).
+
+    Units of ops committed off (but still built inside a stage) do not count.
+    """
+    on = committed_ops(masks, spec)
+    n_ops = int(sum(m.sum() for m in on))
+    off = {(f"cell_{i}", op_name(o)) for i, c in enumerate(spec.cells) for o in c.ops
+           if on[i][o.edge, o.op_index] == 0}
     filters = weights = filters_total = weights_total = 0
     for path, m in _walk(masks):
+        if path[:2] in off:
+            continue
         m = np.asarray(m)
         if path[-2:] == ("gate", "beta"):
             filters += int(m.sum())

@@ -130,13 +130,14 @@ def arch_momentum(opt_state, spec: supernet.SuperNetSpec) -> list:
 # ----------------------------------------------------------------------------------------------
 # Loss and step
 
-def regularizers(arch: dict, spec: supernet.SuperNetSpec) -> tuple[jax.Array, jax.Array]:
-    """(R_op, R_thr) over the built cells (mgas-method.md section 3)."""
+def regularizers(arch: dict, masks: dict, spec: supernet.SuperNetSpec) -> tuple[jax.Array, jax.Array]:
+    """(R_op, R_thr) over the committed ops of the built cells (mgas-method.md section 3)."""
     r_op = r_thr = jnp.float32(0.0)
     for i, cell in enumerate(spec.cells):
         a = arch[f"cell_{i}"]
-        active = supernet.active_matrix(cell)
-        conv = supernet.conv_matrix(cell)
+        committed = masks[f"cell_{i}"]["ops"]
+        active = supernet.active_matrix(cell) * committed
+        conv = supernet.conv_matrix(cell) * committed
         r_op += losses.op_sparsity(a["alpha"], active, gates.edge_nodes(cell.steps))
         r_thr += (losses.threshold_penalty(a["t_op"], active) + losses.threshold_penalty(a["t_pre"])
                   + (losses.threshold_penalty(a["t_k"], conv) if spec.filter_level else 0.0)
@@ -157,7 +158,7 @@ def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, dat
                      "batch_stats": batch_stats, "masks": masks}
         logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
         ce = losses.cross_entropy(logits, labels)
-        r_op, r_thr = regularizers(trainable["arch"], spec)
+        r_op, r_thr = regularizers(trainable["arch"], masks, spec)
         loss = ce + lam * (r_op + r_thr)
         acc = jnp.mean(jnp.argmax(logits, -1) == labels)
         return loss, (updates["batch_stats"], dict(loss=loss, ce=ce, r_op=r_op, r_thr=r_thr,
@@ -516,7 +517,7 @@ def after_epoch(s: Searcher, state: SearchState, progress: Progress, stats: dict
         spec = s.spec_of(progress)
         record_commit(s, spec, state, progress)
         size = pruning.size_proxy(spec, jax.device_get(state.masks))
-        prunable = any(len(c.ops_into(j)) > 1 for c in spec.cells for j in range(c.steps))
+        prunable = any(len(c.ops_into(j)) > 1 for c in spec.cells for j in range(c.steps))  # all committed
         if not prunable or size < cfg.final_size_floor or progress.phase_epochs >= cfg.final_max_epochs:
             why = ("no op left to prune" if not prunable else
                    f"size proxy {size} < floor {cfg.final_size_floor}" if size < cfg.final_size_floor else
@@ -546,7 +547,10 @@ def next_stage(progress: Progress, state: SearchState) -> tuple[SearchState, Pro
 def commit_round(s: Searcher, spec, state: SearchState, progress: Progress, stats: dict, final: bool):
     """Commit live masks at all granularities, drop removed ops, update lambda."""
     cfg = s.cfg
-    r = pruning.commit(spec, jax.device_get(state.params), jax.device_get(state.arch), jax.device_get(state.masks))
+    # inside a stage a commit only flips mask values (same compiled step); in the final phase the
+    # committed-off ops leave the structure at once (and channels shrink, see after_epoch)
+    r = pruning.commit(spec, jax.device_get(state.params), jax.device_get(state.arch), jax.device_get(state.masks),
+                       remove=final)
     pruned = len(r.removed)
     progress.commits += 1
     progress.pruned_in_stage += pruned
@@ -572,8 +576,10 @@ def commit_round(s: Searcher, spec, state: SearchState, progress: Progress, stat
 def shrink_now(s: Searcher, state: SearchState, progress: Progress):
     """Physical filter pruning; optimizer state follows (unchanged tensors keep their momentum)."""
     spec = s.spec_of(progress)
-    variables = {k: jax.device_get(getattr(state, k)) for k in ("params", "arch", "batch_stats", "masks")}
-    new_spec, trees = pruning.shrink(spec, variables)
+    variables = {k: pruning.to_numpy(jax.device_get(getattr(state, k)))
+                 for k in ("params", "arch", "batch_stats", "masks")}
+    spec_kept, variables = pruning.drop_committed_off(spec, variables)
+    new_spec, trees = pruning.shrink(spec_kept, variables)
     if new_spec == spec:
         return state, progress
     progress.cells = cells_to_json(new_spec.cells)
@@ -589,7 +595,8 @@ def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
     count = int(math.floor(cfg.regrow_fraction * progress.pruned_in_stage))
     arch = jax.device_get(state.arch)
     alpha = [arch[f"cell_{i}"]["alpha"] for i in range(len(spec.cells))]
-    active = [supernet.active_matrix(c) for c in spec.cells]
+    masks = jax.device_get(state.masks)
+    active = [supernet.active_matrix(c) * masks[f"cell_{i}"]["ops"] for i, c in enumerate(spec.cells)]
     probs = pruning.regrowth_probabilities(alpha, arch_momentum(jax.device_get(state.opt_state), spec), active)
     key = jax.random.fold_in(jax.random.key(s.config.seed), 50_000 + progress.stage)
     draws = pruning.sample_regrowth(jax.random.fold_in(key, 0), probs, count)
@@ -598,9 +605,10 @@ def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
     if grown:
         progress.cells = cells_to_json(new_spec.cells)
         arch = pruning.reset_regrown(arch, grown)
-        # regrown ops were pruned out of every tree at their commit, so they start fresh here
+        masks = pruning.enable_ops(jax.device_get(state.masks), grown)
+        # regrown ops left every tree at their stage's end, so they start fresh here
         state = s.rebuild(s.spec_of(progress), state, salt=20_000 + progress.stage, new_optimizer=False,
-                          grows=True, overrides={"arch": arch})
+                          grows=True, overrides={"arch": arch, "masks": masks})
     return state, progress
 
 

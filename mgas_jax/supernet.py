@@ -118,7 +118,10 @@ class SuperCell(nn.Module):
         t_k = self.variable("arch", "t_k", jnp.zeros, shape, jnp.float32).value
         t_w = self.variable("arch", "t_w", jnp.zeros, shape, jnp.float32).value
         t_pre = self.variable("arch", "t_pre", jnp.zeros, (2,), jnp.float32).value
-        g, _ = gates.op_gate(alpha, t_op, jnp.asarray(active_matrix(cell)), gates.edge_nodes(cell.steps))
+        # committed op mask: ops committed off inside a stage stay built (no recompilation) but gated
+        # to 0; at stage ends and final-phase commits they leave the spec and are not built at all
+        committed = self.variable("masks", "ops", lambda: jnp.asarray(active_matrix(cell))).value
+        g, _ = gates.op_gate(alpha, t_op, committed * active_matrix(cell), gates.edge_nodes(cell.steps))
         dtype = None if self.dtype is None else jnp.dtype(self.dtype)
         fl = self.filter_level
         s0 = ops.Preprocess(cell.width, self.reduction_prev, cell.pre0_index, search=fl, affine=False,

@@ -18,12 +18,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
-TIMEOUT = 900  # seconds for a worker: compiling on a loaded 2-core machine takes minutes
+TIMEOUT = 900  # seconds for all workers together: compiling on a loaded 2-core machine takes minutes
 
 WORKER = textwrap.dedent("""
     import hashlib, json, sys
@@ -89,36 +90,48 @@ def _env() -> dict:
     return env
 
 
-def _run_all(commands: list) -> list:
-    """Starts every command at once; waits for all (bounded); kills whatever is left; returns outputs."""
-    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands]
-    outs = []
+def _run_all(commands: list, logdir) -> list:
+    """Starts every command at once; waits for all (bounded); kills whatever is left; returns their RESULTs.
+
+    Output goes to files, not pipes: a worker blocked on a full pipe while its peer is being waited on
+    would stall the collectives (and the shutdown barrier) of both.
+    """
+    procs, logs = [], []
     try:
+        for i, c in enumerate(commands):
+            out, err = open(logdir / f"worker{i}.out", "w+"), open(logdir / f"worker{i}.err", "w+")
+            logs.append((out, err))
+            procs.append(subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True))
+        deadline = time.monotonic() + TIMEOUT
         for p in procs:
             try:
-                stdout, stderr = p.communicate(timeout=TIMEOUT)
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
-                stdout, stderr = p.communicate()
-                stderr += f"\n[killed after {TIMEOUT} s]"
-            outs.append((p.returncode, stdout, stderr))
+                pass  # killed below; its log says how far it got
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    failed = [f"worker {c[3:]} exited with {rc}:\n{stderr[-3000:]}" for c, (rc, _, stderr) in zip(commands, outs) if rc]
+    texts = []
+    for out, err in logs:
+        out.seek(0)
+        err.seek(0)
+        texts.append((out.read(), err.read()))
+        out.close()
+        err.close()
+    failed = [f"worker {c[3:]} exited with {p.returncode}:\n{err[-3000:]}"
+              for c, p, (_, err) in zip(commands, procs, texts) if p.returncode]
     assert not failed, "\n\n".join(failed)
-    return [json.loads([l for l in stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
-            for _, stdout, _ in outs]
+    return [json.loads([l for l in out.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+            for out, _ in texts]
 
 
-def test_two_processes_match_one_process():
+def test_two_processes_match_one_process(tmp_path):
     port = str(_free_port())
     worker = [sys.executable, "-c", WORKER, TINY]
     # two processes of a 2-device mesh, and the single-process reference, side by side
-    p0, p1, single = _run_all([worker + ["0", "2", port], worker + ["1", "2", port], worker + ["0", "1", "0"]])
+    p0, p1, single = _run_all([worker + ["0", "2", port], worker + ["1", "2", port], worker + ["0", "1", "0"]], tmp_path)
 
     assert p0["local_sizes"] == p1["local_sizes"] == [8, 8, 8], "each process must feed half the global batch"
     assert single["local_sizes"] == [16, 16, 16]

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -116,7 +117,10 @@ SEARCH = textwrap.dedent("""
 
     config = config_lib.load_config(sys.argv[1])
     config.mode = "search"
-    config.search.final_max_epochs = 1   # one final-phase commit: every decision kind, half the compiles
+    # shortened: one commit per stage and in the final phase; warm-up, shrinking, both regrowths and a
+    # record still happen, with about half the compilations of the full tiny search
+    config.search.max_stage_epochs = 1
+    config.search.final_max_epochs = 1
     result = search.search(config, sys.argv[2])
     cells = [json.load(open(r["path"]))["cells"] for r in result["records"]]
     events = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl")]
@@ -131,21 +135,25 @@ SEARCH = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def searches(tmp_path_factory):
     """The same tiny search with 8 devices and with 1 device, run side by side."""
-    procs = {}
-    for n in (8, 1):
-        workdir = tmp_path_factory.mktemp(f"search_{n}dev")
-        procs[n] = subprocess.Popen([sys.executable, "-c", SEARCH, TINY, str(workdir)], cwd=ROOT, env=_env(n),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results = {}
+    procs, logs = {}, {}
+    deadline = time.monotonic() + 1800
     try:
-        for n, p in procs.items():
-            stdout, stderr = p.communicate(timeout=1500)
-            results[n] = _result(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        for n in (8, 1):
+            workdir = tmp_path_factory.mktemp(f"search_{n}dev")
+            # files, not pipes: nobody drains a pipe while the other process is waited on
+            logs[n] = (workdir / "stdout.txt", workdir / "stderr.txt")
+            with open(logs[n][0], "w") as out, open(logs[n][1], "w") as err:
+                procs[n] = subprocess.Popen([sys.executable, "-c", SEARCH, TINY, str(workdir / "run")], cwd=ROOT,
+                                            env=_env(n), stdout=out, stderr=err)
+        for p in procs.values():
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    results = {n: _result(subprocess.CompletedProcess(p.args, p.returncode, logs[n][0].read_text(),
+                                                      logs[n][1].read_text())) for n, p in procs.items()}
     assert results[8]["devices"] == 8 and results[1]["devices"] == 1
     return results
 

@@ -326,7 +326,30 @@ def test_commit_removes_exactly_the_units_below_threshold(net):
         assert np.all((new == 0) | (new == 1)) and np.all(new <= old[path])
         if np.any(new != old[path]):
             changed.add(path[:2])
+    # the committed op masks ("ops") follow the new spec: 1 exactly for the ops still in it
+    for i, cell in enumerate(res.spec.cells):
+        np.testing.assert_array_equal(res.masks[f"cell_{i}"]["ops"], S.active_matrix(cell))
+    changed = {p for p in changed if p[1] != "ops"}
     assert changed == {("cell_1", "op_0_0_sep_conv_3x3"), ("cell_1", "pre1"), ("cell_2", "op_1_2_dil_conv_3x3")}
+
+
+def test_commit_inside_a_stage_keeps_the_structure(net):
+    """remove=False: ops committed off stay built, gated off by their `ops` mask entry; nothing else
+    differs from a removing commit, and a later removal drops exactly them."""
+    spec, _ = net
+    v, _ = commit_case(net)
+    removing = P.commit(spec, v["params"], v["arch"], v["masks"])
+    keeping = P.commit(spec, v["params"], v["arch"], v["masks"], remove=False)
+    assert keeping.spec == spec
+    assert [(i, o) for i, o in keeping.removed] == [(i, o) for i, o in removing.removed]
+    assert (keeping.filters_off, keeping.weights_off) == (removing.filters_off, removing.weights_off)
+    for i, o in keeping.removed:
+        assert keeping.masks[f"cell_{i}"]["ops"][o.edge, o.op_index] == 0
+    assert P.count_units(keeping.spec, keeping.masks) == P.count_units(removing.spec, removing.masks)
+    assert P.size_proxy(keeping.spec, keeping.masks) == P.size_proxy(removing.spec, removing.masks)
+    trees = {"params": P.to_numpy(v["params"]), "arch": keeping.arch, "batch_stats": {}, "masks": keeping.masks}
+    dropped, _ = P.drop_committed_off(keeping.spec, trees)
+    assert dropped == removing.spec
 
 
 def test_commit_again_changes_nothing(net):
