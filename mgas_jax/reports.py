@@ -110,7 +110,8 @@ def draw_cell(cell: genotype_lib.CellSpec, path: str, title: str = "") -> str:
     output. Each op is its own arrow (an edge may carry several), labelled with op_label.
     """
     pos = _state_positions(cell.steps)
-    fig = Figure(figsize=(2.0 + 1.9 * (cell.steps + 1), 4.2))
+    most = max([sum(1 for q in cell.ops if (q.src, q.node) == (o.src, o.node)) for o in cell.ops] or [1])
+    fig = Figure(figsize=(2.0 + 1.9 * (cell.steps + 1), 4.2 + 0.5 * max(0, most - 2)))
     ax = fig.add_subplot()
     ax.set_aspect("equal")
     ax.axis("off")
@@ -123,6 +124,7 @@ def draw_cell(cell: genotype_lib.CellSpec, path: str, title: str = "") -> str:
         ax.text(x, y, names[state], ha="center", va="center", fontsize=7, zorder=3,
                 bbox=dict(boxstyle="round,pad=0.35", fc=color, ec="black", lw=0.8))
     edges: dict = {}
+    ys = [p[1] for p in pos.values()]
     for o in cell.ops:
         edges.setdefault((o.src, o.node + 2), []).append(o)
     for (src, dst), ops_on_edge in edges.items():
@@ -137,6 +139,7 @@ def draw_cell(cell: genotype_lib.CellSpec, path: str, title: str = "") -> str:
                                         connectionstyle=f"arc3,rad={rad}", shrinkA=13, shrinkB=13))
             # midpoint of matplotlib's arc3 quadratic Bezier: the chord's middle + rad/2 x (dy, -dx)
             lx, ly = (x1 + x2) / 2 + rad / 2 * (y2 - y1), (y1 + y2) / 2 - rad / 2 * (x2 - x1)
+            ys.append(ly)
             ax.text(lx, ly, op_label(cell, o), fontsize=6.5, ha="center", va="center", color=COLORS.get(o.op, "black"),
                     zorder=2, bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
     for s in cell.concat:
@@ -145,7 +148,7 @@ def draw_cell(cell: genotype_lib.CellSpec, path: str, title: str = "") -> str:
                     arrowprops=dict(arrowstyle="-|>", color="#bbbbbb", lw=0.8, ls="--", shrinkA=10, shrinkB=13))
     xs = [p[0] for p in pos.values()]
     ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
-    ax.set_ylim(-1.7, 1.7)
+    ax.set_ylim(min(ys) - 0.5, max(ys) + 0.5)  # room for the most bent arcs of edges with many ops
     kind = "reduction" if cell.reduction else "normal"
     ax.set_title(title or f"{kind} cell, width {cell.width}, {len(cell.ops)} ops", fontsize=9)
     return _save(fig, path)

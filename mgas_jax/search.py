@@ -247,7 +247,7 @@ class Searcher:
         self._eval_steps: dict = {}
         self._compiled: set = set()
         self.stop_requested = False
-        self.writer = MetricWriter(workdir)
+        self.writer = None  # opened once the workdir is known to hold this run (see `search`)
         self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=self.cfg.keep_checkpoints)
         # What determines a search: seed, data and the search section (not train.* or export.*, so that
         # mode=all can change the retraining or the targets and still resume its search).
@@ -392,7 +392,8 @@ class Searcher:
     def save(self, state: SearchState, progress: Progress) -> None:
         meta = dict(progress=dataclasses.asdict(progress), config_hash=self.config_hash, config=self.semantic,
                     epoch=progress.epoch)
-        self.ckpt.save(progress.epoch, state, meta)
+        # numbered by optimizer steps, so that a preemption checkpoint inside an epoch gets its own number
+        self.ckpt.save(int(jax.device_get(state.step)), state, meta)
         self.ckpt.wait()
 
     def restore(self) -> Optional[tuple[SearchState, Progress]]:
@@ -441,6 +442,9 @@ def search(config, workdir: str) -> dict:
         state = parallel.replicate(state, s.mesh)
     else:
         state, progress = restored
+    s.writer = MetricWriter(workdir)
+    if restored is not None:
+        s.writer.truncate_after(progress.epoch)  # lines of the interrupted epoch are written again
 
     with _sigterm_checkpoint(s):
         while progress.phase != "done":
@@ -452,6 +456,7 @@ def search(config, workdir: str) -> dict:
             state, stats = s.run_epoch(spec, state, progress, flags)
             if not stats["finite"]:
                 last = s.ckpt.latest_step()
+                last = None if last is None else s.ckpt.meta(last)["epoch"]
                 raise FloatingPointError(
                     f"non-finite loss or gradient in search epoch {progress.epoch} (stage "
                     f"{_stage_name(progress.stage)}, {progress.phase}); the last good checkpoint is epoch {last} "

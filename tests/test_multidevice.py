@@ -41,7 +41,7 @@ def _result(out: subprocess.CompletedProcess) -> dict:
 STEPS = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from mgas_jax import config as config_lib, data as data_lib, parallel, search, supernet
+    from mgas_jax import config as config_lib, data as data_lib, ops, parallel, search, supernet
 
     assert jax.device_count() == 8, jax.devices()
     config = config_lib.load_config(sys.argv[1])
@@ -77,14 +77,15 @@ STEPS = textwrap.dedent("""
         runs[n] = dict(losses=losses, state=jax.device_get(state), replicated=replicated)
 
     def worst(a, b):
-        # max |a - b| / (|b| + 1e-6) over the leaves of one collection
-        diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
-                              / (np.abs(np.asarray(y, np.float64)) + 1e-6)))
+        # max over the leaves of max|a - b| / max|b|: the error relative to the leaf's scale
+        diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                       / (np.max(np.abs(np.asarray(y, np.float64))) + 1e-12))
                  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if np.size(x)]
         return max(diffs, default=0.0)
 
     one, eight = runs[1]["state"], runs[8]["state"]
     print("RESULT" + json.dumps(dict(
+        fast_variance=bool(ops.batch_norm(True, True).use_fast_variance),
         losses={n: r["losses"] for n, r in runs.items()},
         replicated={n: r["replicated"] for n, r in runs.items()},
         step={n: int(r["state"].step) for n, r in runs.items()},
@@ -105,9 +106,13 @@ def test_search_steps_on_8_devices_match_1_device():
         assert set(one) == set(eight)
         for k in one:
             np.testing.assert_allclose(eight[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # Float sums in another order differ in the last bits (about 1e-7); over 3 SGD steps they stay near 1e-5
+    # of each tensor's scale when BatchNorm computes its variance in two passes, mean((x - mean)^2). flax's
+    # default one-pass E[x^2] - E[x]^2 loses digits to cancellation and turns those bits into ~1e-3
+    # after the third step (no gate is within reach of its threshold there; see docs/scaling.md).
+    tol = 1e-2 if r["fast_variance"] else 1e-4
     for collection, diff in r["diff"].items():
-        # relative to |value| + 1e-6: float32 sums in another order, amplified over 3 SGD steps
-        assert diff < 1e-4, f"{collection}: 8 devices differ from 1 device by {diff:.3g} (relative)"
+        assert diff < tol, f"{collection}: 8 devices differ from 1 device by {diff:.3g} of the tensors' scale"
 
 
 SEARCH = textwrap.dedent("""
@@ -117,10 +122,12 @@ SEARCH = textwrap.dedent("""
 
     config = config_lib.load_config(sys.argv[1])
     config.mode = "search"
-    # shortened: one commit per stage and in the final phase; warm-up, shrinking, both regrowths and a
-    # record still happen, with about half the compilations of the full tiny search
+    # shortened to the fewest compilations that still take every kind of decision but regrowth: a warm-up
+    # epoch and one commit per stage (threshold commits, lambda update, stage end, physical shrinking),
+    # one final-phase commit with its record and validation pass, the exports
     config.search.max_stage_epochs = 1
     config.search.final_max_epochs = 1
+    config.search.regrow_fraction = 0.0
     result = search.search(config, sys.argv[2])
     cells = [json.load(open(r["path"]))["cells"] for r in result["records"]]
     events = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl")]

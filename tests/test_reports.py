@@ -44,7 +44,8 @@ def everything(tmp_path_factory):
 def test_all_mode_end_to_end(everything):
     workdir, result = everything
     # search
-    assert "path" in result["search"]["100000"] and "error" in result["search"]["1000"]
+    small = str(min(tiny_config().export.targets))  # below anything 3 tiny cells reach
+    assert "path" in result["search"]["100000"] and "error" in result["search"][small]
     assert os.path.isfile(workdir / "search" / "search_result.json")
     # retraining of the one reachable target, from scratch, with the short protocol
     results = json.loads((workdir / "retrain" / "arch_100000" / "results.json").read_text())
@@ -70,7 +71,7 @@ def test_all_mode_end_to_end(everything):
     assert f"{record['params']['nonzero']:,}" in summary and f"{100 * results['test']['top1']:.2f} %" in summary
     for link in ("accuracy_vs_params.png", "sparsity_arch_100000.png", "cells/arch_100000_cell0.png"):
         assert f"]({link})" in summary
-    assert "target 1000:" in summary  # the unreachable target is reported, not hidden
+    assert f"target {small}:" in summary  # the unreachable target is reported, not hidden
     assert os.path.isfile(workdir / "all_result.json")
 
 

@@ -1,0 +1,114 @@
+"""Tests of mgas_jax.kernels: every fast formulation equals the plain one, values and gradients.
+
+The plain formulation is `jax.lax.conv_general_dilated` with `feature_group_count = C` (depthwise)
+or a 1x1 kernel (pointwise). Each case compares the output and the gradients of a random linear
+function of it with respect to the input and to the kernel, over kernel sizes 3 and 5, strides 1
+and 2, dilations 1 and 2, odd and even input sizes, and explicit paddings other than 'same'
+(including one wider than the kernel's reach, where the input gradient crops). Shapes are tiny; each
+case is one jit-compiled function.
+"""
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mgas_jax import kernels
+
+FAST = ("shift", "shift_vjp")
+
+
+def _plain_depthwise(x, kernel, stride, dilation, padding):
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
+        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1])
+
+
+def _plain_pointwise(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _value_and_grads(conv, x, kernel, cotangent):
+    """conv(x, kernel) and the gradients of sum(conv(x, kernel) * cotangent) w.r.t. x and kernel."""
+    def f(x, kernel):
+        y = conv(x, kernel)
+        return jnp.sum(y * cotangent), y
+    (_, y), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
+    return y, grads
+
+
+def _random(shape, seed, dtype=np.float32):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32), dtype)
+
+
+def _check_depthwise(impl, size, k, stride, dilation, padding, channels=3, dtype=jnp.float32, tol=1e-4):
+    x = _random((2, size, size + 1, channels), 0, dtype)   # H != W catches a swapped axis
+    kernel = _random((k, k, 1, channels), 1, dtype)
+    pad = kernels.same_padding(k, dilation) if padding is None else padding
+    expected = _plain_depthwise(x, kernel, stride, dilation, pad)
+    cotangent = _random(expected.shape, 2, dtype)
+    y_ref, (dx_ref, dk_ref) = _value_and_grads(
+        lambda a, b: _plain_depthwise(a, b, stride, dilation, pad), x, kernel, cotangent)
+    y, (dx, dk) = _value_and_grads(
+        lambda a, b: kernels.depthwise_conv(a, b, stride=stride, dilation=dilation, padding=padding, impl=impl),
+        x, kernel, cotangent)
+    chex.assert_trees_all_equal_shapes_and_dtypes((y, dx, dk), (y_ref, dx_ref, dk_ref))
+    for got, want, what in ((y, y_ref, "output"), (dx, dx_ref, "input gradient"), (dk, dk_ref, "kernel gradient")):
+        want = np.asarray(want, np.float32)
+        # sums of up to ~150 products: the error scales with the largest entry, not each entry
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()),
+                                   err_msg=f"{impl}: {what} differs from lax.conv_general_dilated")
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("k,stride,dilation,size",
+                         list(itertools.product((3, 5), (1, 2), (1, 2), (7, 8))))
+def test_depthwise_matches_lax(impl, k, stride, dilation, size):
+    _check_depthwise(impl, size, k, stride, dilation, padding=None)
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("k,stride,dilation,padding", [(3, 1, 1, 0), (3, 2, 1, 3), (5, 1, 2, 5), (5, 2, 1, 1)])
+def test_depthwise_explicit_padding(impl, k, stride, dilation, padding):
+    """Paddings other than 'same', narrower and wider than the kernel's reach."""
+    _check_depthwise(impl, 8, k, stride, dilation, padding)
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_depthwise_bfloat16(impl):
+    """Reduced-precision compute (SuperNetSpec.dtype='bfloat16') keeps the dtype and the values."""
+    _check_depthwise(impl, 8, 3, 1, 1, padding=None, channels=8, dtype=jnp.bfloat16, tol=2e-2)
+
+
+def test_depthwise_auto_and_lax():
+    """'auto' resolves per backend and 'lax' is the plain formulation itself."""
+    assert kernels.resolve_impl("auto") == ("shift_vjp" if jax.default_backend() == "cpu" else "lax")
+    for impl in ("auto", "lax"):
+        _check_depthwise(impl, 8, 5, 2, 1, padding=None)
+
+
+def test_unknown_impl():
+    with pytest.raises(ValueError, match=r"unknown depthwise conv implementation 'cuda'"):
+        kernels.resolve_impl("cuda")
+    assert set(kernels.IMPLS) >= {"auto", "lax", "shift"}
+
+
+@pytest.mark.parametrize("ci,co", [(3, 5), (8, 8)])
+def test_pointwise_matches_lax(ci, co):
+    x = _random((2, 5, 6, ci), 3)
+    kernel = _random((1, 1, ci, co), 4)
+    cotangent = _random((2, 5, 6, co), 5)
+    y_ref, grads_ref = _value_and_grads(_plain_pointwise, x, kernel, cotangent)
+    y, grads = _value_and_grads(kernels.pointwise_conv, x, kernel, cotangent)
+    chex.assert_trees_all_equal_shapes_and_dtypes((y, grads), (y_ref, grads_ref))
+    chex.assert_trees_all_close((y, grads), (y_ref, grads_ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,dilation", [(3, 1), (5, 2)])
+def test_same_padding_keeps_size(k, dilation):
+    x = jnp.zeros((1, 9, 9, 2))
+    y = kernels.depthwise_conv(x, jnp.zeros((k, k, 1, 2)), dilation=dilation, impl="lax")
+    assert y.shape == x.shape
