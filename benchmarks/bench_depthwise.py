@@ -3,8 +3,9 @@
 For every channel count it times `jax.vjp` of `kernels.depthwise_conv` (gradients w.r.t. the input
 and the kernel) for each formulation of mgas_jax/kernels.py, jit-compiled, and the same computation in
 PyTorch (`F.conv2d(groups=C)` forward, `backward`), on this machine's CPU. It also reports each
-formulation's compile time for one conv and for a chain of `--chain` convs (ReLU between them, fwd+bwd
-in one program), the case where XLA's fusion passes used to take long on the 'shift' form.
+formulation's compile time for one conv and the compile and run time of a chain of `--chain` convs
+(ReLU between them, fwd+bwd in one program; alone, and each followed by a 1x1 conv as in a sep_conv),
+the case where XLA CPU fused each conv's producers into the next conv's k*k slices.
 
     python benchmarks/bench_depthwise.py                       # 5x5, batch 32, 32x32, C = 16 32 64
     python benchmarks/bench_depthwise.py --kernel 3 --dilation 2 --channels 16
@@ -51,16 +52,25 @@ def jax_case(impl: str, x, kernel, g, stride: int, dilation: int, repeats: int) 
     return compile_s, _min_time(lambda: jax.block_until_ready(compiled(x, kernel)), repeats)
 
 
-def chain_compile(impl: str, x, kernel, stride: int, dilation: int, length: int) -> float:
-    """Compile seconds of `length` depthwise convs in a row (ReLU between), forward and backward."""
-    def loss(x, kernels_):
+def chain_compile(impl: str, x, kernel, dilation: int, length: int, pointwise: bool) -> tuple[float, float]:
+    """(compile s, run ms) of `length` depthwise convs in a row, forward and backward.
+
+    ReLU between them; with `pointwise`, each is followed by a 1x1 conv (a sep_conv's half: XLA
+    materialises the 1x1 conv's output, so the chain's elementwise producers stop there).
+    """
+    c = x.shape[-1]
+    def loss(x, dw, pw):
         for i in range(length):
-            x = jax.nn.relu(kernels.depthwise_conv(x, kernels_[i], dilation=dilation, impl=impl))
+            x = kernels.depthwise_conv(jax.nn.relu(x), dw[i], dilation=dilation, impl=impl)
+            if pointwise:
+                x = kernels.pointwise_conv(x, pw[i])
         return jnp.sum(x)
-    stack = jnp.stack([kernel] * length)
+    dw = jnp.stack([kernel] * length)
+    pw = jnp.stack([jnp.eye(c, dtype=x.dtype).reshape(1, 1, c, c) * 0.5] * length)
     t0 = time.perf_counter()
-    jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, stack).compile()
-    return time.perf_counter() - t0
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, dw, pw).compile()
+    compile_s = time.perf_counter() - t0
+    return compile_s, _min_time(lambda: jax.block_until_ready(compiled(x, dw, pw)), 3)
 
 
 def torch_case(batch, size, channels, k, stride, dilation, repeats) -> float | None:
@@ -118,11 +128,15 @@ def main():
             print(f"{c:>4} {impl:>10} {compile_s:9.2f} {t * 1e3:8.1f} {torch_ms} {ratio}", flush=True)
     if a.chain:
         c = a.channels[0]
-        x = jnp.zeros((a.batch, a.image, a.image, c), jnp.float32)
-        kernel = jnp.zeros((a.kernel, a.kernel, 1, c), jnp.float32)
-        for impl in a.impls:
-            s = chain_compile(impl, x, kernel, 1, a.dilation, a.chain)
-            print(f"compile of a chain of {a.chain} convs (C={c}, stride 1), fwd+bwd: {impl:>10} {s:6.2f} s", flush=True)
+        x = jnp.asarray(rng.normal(size=(a.batch, a.image, a.image, c)), jnp.float32)
+        kernel = jnp.asarray(rng.normal(size=(a.kernel, a.kernel, 1, c)) / a.kernel, jnp.float32)
+        print(f"chain of {a.chain} convs (C={c}, stride 1), fwd+bwd in one program:")
+        print(f"{'chain':>16} {'impl':>10} {'compile_s':>9} {'ms':>8}")
+        for pointwise in (False, True):
+            name = "depthwise+1x1" if pointwise else "depthwise only"
+            for impl in a.impls:
+                compile_s, t = chain_compile(impl, x, kernel, a.dilation, a.chain, pointwise)
+                print(f"{name:>16} {impl:>10} {compile_s:9.2f} {t * 1e3:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -176,12 +176,13 @@ def fixed_ratio_export(source_json: str, out_dir: str, *, target: Optional[int] 
     sizes = [int(np.prod(traverse_util.flatten_dict(mask_tree)[p].shape)) for p in kernel_paths]
     dense = network.count_params(params)["dense"]
     fixed = dense - sum(sizes)  # parameters no mask touches
-    try:
-        counts = uniform_keep_counts(sizes, target - fixed)
-    except ValueError as e:
+    if not len(sizes) <= target - fixed <= sum(sizes):
+        why = (f"{fixed} of them lie outside the {len(sizes)} prunable conv kernels (which keep at least one "
+               f"weight each)" if target - fixed < len(sizes) else "fewer than the target")
         raise export.ExportError(
             f"the fixed-ratio baseline of {source_json} cannot have {target} non-zero parameters: its full-width "
-            f"network has {dense} parameters, {fixed} of them outside the prunable conv kernels ({e})") from None
+            f"network has {dense} parameters, {why}; uniform weight pruning alone cannot reach it")
+    counts = uniform_keep_counts(sizes, target - fixed)
     masks_flat = magnitude_masks(params, kernel_paths, counts)
 
     record = {k: v for k, v in source.items() if k not in ("masks", "params", "counts", "val_accuracy")}

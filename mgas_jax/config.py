@@ -278,6 +278,8 @@ def _check_search(config, device_count: int) -> None:
         return
     for key in ("batch_size", "eval_batch_size"):
         value = config.search[key]
+        if not isinstance(value, int):
+            continue  # reported by the schema walk
         if value % device_count:
             raise ConfigError(f"search.{key} = {value}: must be divisible by the number of devices ({device_count})")
     if config.search.bilevel and config.data.val_size == 0:

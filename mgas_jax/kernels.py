@@ -69,17 +69,33 @@ def _depthwise_shift(x, kernel, stride, dilation, padding):
     return out
 
 
+def _materialized(x):
+    """x, computed into its own buffer before the k*k slices read it.
+
+    XLA CPU fuses cheap elementwise producers into every consumer that reads them, so k*k slices of
+    relu(sum of gated ops) would each recompute that sum (and a chain of shift convs multiplies it:
+    25^depth); a 4-conv chain then compiles 3x slower and runs ~10x slower. `optimization_barrier`
+    does not stop it (XLA CPU removes barriers before fusion), but XLA never duplicates an expensive
+    op (a division) into a consumer that reads its elements more than once, so the division below
+    ends the producer's fusion here. It is the identity for finite x (inf becomes nan: both are
+    non-finite, which the search step reports anyway).
+    """
+    return x / (1 + 0 * x)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _depthwise_shift_vjp(x, kernel, stride, dilation, padding):
-    return _depthwise_shift(x, kernel, stride, dilation, padding)
+    return _depthwise_shift(_materialized(x), kernel, stride, dilation, padding)
 
 
 def _shift_vjp_fwd(x, kernel, stride, dilation, padding):
+    x = _materialized(x)
     return _depthwise_shift(x, kernel, stride, dilation, padding), (x, kernel)
 
 
 def _shift_vjp_bwd(stride, dilation, padding, residuals, g):
     x, kernel = residuals
+    g = _materialized(g)
     k = kernel.shape[0]
     n, h, w, c = x.shape
     h_out, w_out = g.shape[1], g.shape[2]
@@ -100,7 +116,9 @@ def _shift_vjp_bwd(stride, dilation, padding, residuals, g):
     # Kernel gradient: the native convolution's (one conv op; k*k separate reductions are slower).
     _, kernel_vjp = jax.vjp(lambda kr: _depthwise_lax(x, kr, stride, dilation, padding), kernel)
     (dk,) = kernel_vjp(g)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    # dx feeds the sum of every consumer's gradient of this state, read by several fusions (BN and
+    # gate backward, other ops' taps): materialize it once instead of recomputing k*k taps in each.
+    return _materialized(dx.astype(x.dtype)), dk.astype(kernel.dtype)
 
 
 _depthwise_shift_vjp.defvjp(_shift_vjp_fwd, _shift_vjp_bwd)

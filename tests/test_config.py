@@ -158,27 +158,27 @@ def test_lr_min_above_lr():
 
 
 def test_extension_op_lists_and_targets(monkeypatch):
-    """The lead's sections are entries in SCHEMA: op lists and target sizes are checked the same way."""
-    monkeypatch.setitem(config_lib.SCHEMA, "search", {
+    """A new section is entries in SCHEMA: op lists and target sizes are checked the same way."""
+    monkeypatch.setitem(config_lib.SCHEMA, "extension", {
         "ops": Field(tuple, config_lib.op_list(), "candidate ops of every edge"),
         "targets": Field(tuple, config_lib.each(config_lib.positive), "parameter budgets (M)"),
         "debug": Field(bool, None, "extra logging", semantic=False),
     })
     config = default()
-    config.search = ml_collections.ConfigDict({"ops": ("sep_conv_3x3", "skip_connect"), "targets": (0.7, 2.3),
+    config.extension = ml_collections.ConfigDict({"ops": ("sep_conv_3x3", "skip_connect"), "targets": (0.7, 2.3),
                                                "debug": False})
     config_lib.validate(config, device_count=1)
-    assert_error(with_value("search.ops", ("sep_conv_3x3", "sep_cnv_5x5"), config),
-                 "search.ops", "unknown op 'sep_cnv_5x5'", "did you mean 'sep_conv_5x5'?", "max_pool_3x3")
-    assert_error(with_value("search.ops", ("none",), config), "search.ops", "unknown op 'none'")
-    assert_error(with_value("search.ops", (), config), "search.ops", "at least one op")
-    assert_error(with_value("search.ops", ("skip_connect", "skip_connect"), config), "twice")
-    assert_error(with_value("search.targets", (0.7, -1.0), config), "search.targets", "element 1 (-1.0)", "> 0")
-    assert_error(with_value("search.targets", (0.7, 0), config), "search.targets", "element 1 (0)")
+    assert_error(with_value("extension.ops", ("sep_conv_3x3", "sep_cnv_5x5"), config),
+                 "extension.ops", "unknown op 'sep_cnv_5x5'", "did you mean 'sep_conv_5x5'?", "max_pool_3x3")
+    assert_error(with_value("extension.ops", ("none",), config), "extension.ops", "unknown op 'none'")
+    assert_error(with_value("extension.ops", (), config), "extension.ops", "at least one op")
+    assert_error(with_value("extension.ops", ("skip_connect", "skip_connect"), config), "twice")
+    assert_error(with_value("extension.targets", (0.7, -1.0), config), "extension.targets", "element 1 (-1.0)", "> 0")
+    assert_error(with_value("extension.targets", (0.7, 0), config), "extension.targets", "element 1 (0)")
     # A declared section the config lacks is reported, pointing at the default config.
-    assert_error(default(), "search: missing section")
+    assert_error(default(), "extension: missing section")
     # Non-semantic keys do not enter the hash.
-    flipped = with_value("search.debug", True, config)
+    flipped = with_value("extension.debug", True, config)
     assert config_lib.config_hash(flipped) == config_lib.config_hash(config)
 
 
