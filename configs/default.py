@@ -70,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
     train.keep_checkpoints = 2     # orbax keeps the latest N checkpoints (one per epoch)
     train.log_every_steps = 50     # training metrics (averaged since the last line) every N steps
     train.progress = True          # tqdm bar per epoch on process 0
+    # A non-finite loss or gradient: "stop" (name the step and the last good checkpoint) or "rollback"
+    # (restore the last checkpoint, multiply the learning rate by rollback_lr_factor, go on).
+    train.nan_policy = "stop"
+    train.rollback_lr_factor = 0.5
+    train.max_rollbacks = 3
 
     # ---- MGAS search (mode=search; mgas-method.md sections 1-5) -----------------------------------
     config.search = search = ml_collections.ConfigDict()
@@ -112,6 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
     search.dtype = "float32"       # compute dtype: float32 | bfloat16 (parameters stay float32)
     search.keep_checkpoints = 3    # checkpoints are written at the end of every epoch
     search.progress = True         # tqdm bar per epoch
+    search.nan_policy = "stop"     # or "rollback": last checkpoint, every group's lr x rollback_lr_factor
+    search.rollback_lr_factor = 0.5
+    search.max_rollbacks = 3
 
     # ---- Export (what mode=search writes, what mode=retrain reads) --------------------------------
     config.export = export = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ workdir contents and the differing keys.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Optional
 
 import jax
@@ -40,6 +41,42 @@ class ConfigMismatchError(ValueError):
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint that cannot be read back (truncated, edited, written by other code)."""
+
+
+class Preempted(SystemExit):
+    """Raised after a SIGTERM once the run has checkpointed where it stood (exit status: the message)."""
+
+
+class SigtermFlag:
+    """A context in which SIGTERM (what TPU VMs and schedulers send before preemption) only sets a flag.
+
+    The training or search loop polls `requested` between steps, checkpoints the exact position and
+    raises `Preempted`: nothing is cut off mid-write (orbax commits atomically) and the next run resumes
+    at the following step. Outside the main thread no handler can be installed; the loop's regular
+    checkpoints still hold.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        from absl import logging
+        logging.warning("SIGTERM received: checkpointing at the next step")
+        self.requested = True
+
+    def __enter__(self) -> "SigtermFlag":
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
 
 
 def _corrupt(directory: str, step: int, error: Exception) -> CorruptCheckpointError:

@@ -148,6 +148,7 @@ def genotype_check(value: str) -> Optional[str]:
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("cosine", "step")
+NAN_POLICIES = ("stop", "rollback")
 
 SCHEMA: dict[str, Any] = {
     "mode": Field(str, one_of(*modes.MODE_NAMES), "what to run (see mgas_jax/modes.py)", semantic=False),
@@ -199,6 +200,12 @@ SCHEMA: dict[str, Any] = {
         "log_every_steps": Field(int, positive, "steps between training-metric log lines",
                                  semantic=False),
         "progress": Field(bool, None, "tqdm progress bar per epoch", semantic=False),
+        "nan_policy": Field(str, one_of(*NAN_POLICIES), "on a non-finite loss or gradient: stop, or roll "
+                            "back to the last checkpoint and go on with a lower learning rate", semantic=False),
+        "rollback_lr_factor": Field(float, fraction, "nan_policy=rollback: learning rate x this per rollback",
+                                    semantic=False),
+        "max_rollbacks": Field(int, non_negative, "nan_policy=rollback: rollbacks before giving up",
+                               semantic=False),
     },
 }
 
@@ -244,6 +251,12 @@ SCHEMA["search"] = {
     "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)"),
     "keep_checkpoints": Field(int, positive, "search checkpoints kept", semantic=False),
     "progress": Field(bool, None, "tqdm bar per epoch", semantic=False),
+    "nan_policy": Field(str, one_of(*NAN_POLICIES), "on a non-finite loss or gradient: stop, or roll back "
+                        "to the last checkpoint and go on with lower learning rates", semantic=False),
+    "rollback_lr_factor": Field(float, fraction, "nan_policy=rollback: every group's lr x this per rollback",
+                                semantic=False),
+    "max_rollbacks": Field(int, non_negative, "nan_policy=rollback: rollbacks before giving up",
+                           semantic=False),
 }
 
 SCHEMA["export"] = {

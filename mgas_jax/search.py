@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import os
-import signal
 import time
 from typing import Any, Optional
 
@@ -80,10 +79,11 @@ class Progress:
     compile_seconds: float = 0.0
     batch_in_epoch: int = 0        # > 0 only in a preemption checkpoint taken inside an epoch
     partial: Optional[dict] = None # the metric sums of those batches
+    lr_scale: float = 1.0          # every group's learning rate x this (lowered by nan_policy=rollback)
+    rollbacks: int = 0
 
 
-class Preempted(SystemExit):
-    """Raised after a SIGTERM once the search has checkpointed where it stood."""
+Preempted = ckpt_lib.Preempted  # raised after a SIGTERM once the search has checkpointed where it stood
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,6 +411,37 @@ class Searcher:
         return parallel.replicate(state, self.mesh), progress
 
 
+def _non_finite(s: Searcher, progress: Progress, all_cells) -> tuple[SearchState, Progress]:
+    """A non-finite loss or gradient in this epoch: stop, or roll back (search.nan_policy).
+
+    Nothing of the epoch is saved. Rolling back restores the latest checkpoint (the start of the
+    search when there is none) and multiplies every group's learning rate by rollback_lr_factor.
+    """
+    cfg = s.cfg
+    last = s.ckpt.latest_step()
+    where = f"search epoch {progress.epoch} (stage {_stage_name(progress.stage)}, {progress.phase})"
+    if cfg.nan_policy == "rollback" and progress.rollbacks < cfg.max_rollbacks:
+        restored = s.restore()
+        if restored is None:
+            back = Progress(cells=cells_to_json(all_cells[:built_cells(cfg.layers, 1)]))
+            state = parallel.replicate(s.fresh_state(s.spec_of(back), 0), s.mesh)
+        else:
+            state, back = restored
+        back.lr_scale = progress.lr_scale * cfg.rollback_lr_factor
+        back.rollbacks = progress.rollbacks + 1
+        s.writer.truncate_after(back.epoch)
+        _log(back, f"rollback {back.rollbacks}: non-finite loss or gradient in {where}; back to epoch "
+                   f"{back.epoch}, learning rates x {back.lr_scale:g}")
+        return state, back
+    last = "no checkpoint yet" if last is None else \
+        f"the last good checkpoint is epoch {s.ckpt.meta(last)['epoch']} in {s.ckpt.directory}"
+    fix = ("search.max_rollbacks rollbacks did not help; lower search.lr or the architecture learning rates"
+           if cfg.nan_policy == "rollback" else
+           "lower search.lr or the architecture learning rates (or set search.nan_policy=rollback)")
+    raise FloatingPointError(f"non-finite loss or gradient in {where}; {last}; nothing was saved from this "
+                             f"epoch. To go on: {fix} and run the same command again to resume from it.")
+
+
 def _stage_name(stage: int) -> str:
     return "final" if stage == FINAL else str(stage)
 
@@ -452,16 +483,13 @@ def search(config, workdir: str) -> dict:
             if progress.phase == "start":
                 state, progress = start_stage(s, state, progress, all_cells)
                 continue
+            # A flag scales its group's update, and SGD's update is linear in the learning rate.
             flags = [1.0, 0.0, 0.0, 0.0, 0.0] if progress.phase == "warmup" else [1.0] * 5
+            flags = [f * progress.lr_scale for f in flags]
             state, stats = s.run_epoch(spec, state, progress, flags)
             if not stats["finite"]:
-                last = s.ckpt.latest_step()
-                last = None if last is None else s.ckpt.meta(last)["epoch"]
-                raise FloatingPointError(
-                    f"non-finite loss or gradient in search epoch {progress.epoch} (stage "
-                    f"{_stage_name(progress.stage)}, {progress.phase}); the last good checkpoint is epoch {last} "
-                    f"in {s.ckpt.directory}; nothing was saved from this epoch. Lower search.lr or the "
-                    f"architecture learning rates and run the same command again to resume from it.")
+                state, progress = _non_finite(s, progress, all_cells)
+                continue
             progress.epoch += 1
             progress.phase_epochs += 1
             s.writer.write(progress.epoch, progress.epoch, "search",
@@ -638,31 +666,19 @@ def _log(progress: Progress, line: str) -> None:
         print(line, flush=True)
 
 
-class _sigterm_checkpoint:
-    """On SIGTERM (what TPU VMs and schedulers send before preemption) stop at the next step boundary.
-
-    The handler only sets a flag: the epoch loop then checkpoints the exact position (epoch, batch,
-    partial metric sums) and raises `Preempted`, so nothing is half-written (orbax commits atomically)
-    and the next run resumes at the following batch.
-    """
+class _sigterm_checkpoint(ckpt_lib.SigtermFlag):
+    """SIGTERM sets `searcher.stop_requested`: the epoch loop checkpoints the exact position (epoch,
+    batch, partial metric sums) and raises `Preempted`; the next run resumes at the following batch."""
 
     def __init__(self, searcher: Searcher):
+        super().__init__()
         self.searcher = searcher
 
-    def __enter__(self):
-        self._old = None
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, the epoch checkpoints still hold
-            pass
-        return self
-
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: checkpointing at the next step")
+        super()._handle(signum, frame)
         self.searcher.stop_requested = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        super().__exit__(*exc)
         self.searcher.ckpt.wait()
         return False

@@ -13,11 +13,17 @@ would otherwise move them).
 Everything is jit-compiled over a 1-D device mesh (parallel.py): batches split over 'data', state
 replicated. Images arrive as uint8 and are augmented on device inside the step.
 
-Resuming: an orbax checkpoint is written after every epoch. Running the same command again on the
-same workdir restores the latest one and continues with the next epoch; because the data order is a
-pure function of (seed, epoch) and every PRNG key is fold_in(key, step), the resumed run ends with
-the same numbers as an uninterrupted one. A workdir holding checkpoints of another config is refused
-(checkpoint.check_same_run).
+Resuming: an orbax checkpoint, numbered by optimizer step, is written after every epoch, and on
+SIGTERM at the next step (then the run exits with `checkpoint.Preempted`). Running the same command
+again on the same workdir restores the latest one and continues at the batch after it; because the
+data order is a pure function of (seed, epoch) and every PRNG key is fold_in(key, step), the resumed
+run ends with the same numbers as an uninterrupted one. A workdir holding checkpoints of another
+config is refused (checkpoint.check_same_run).
+
+Numerical faults: every step reports whether its loss and gradients were finite; the host checks at
+each log line, before anything is saved. `train.nan_policy = "stop"` raises FloatingPointError naming
+the step and the last good checkpoint; "rollback" restores that checkpoint and goes on with the
+learning rate times `train.rollback_lr_factor` (at most `train.max_rollbacks` times).
 
 Outputs in workdir: metrics.jsonl, tb/ (TensorBoard), checkpoints/, results.json.
 """
@@ -205,7 +211,7 @@ def _correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch: dict, drop_path_rate: jax.Array, *, model: nn.Module,
+def train_step(state: TrainState, batch: dict, drop_path_rate: jax.Array, lr_scale: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, data_config, mean, std,
                label_smoothing: float, aux_weight: float) -> tuple[TrainState, dict]:
     """One SGD step on one global batch. Pure: jit it with the keyword arguments bound (make_train_step).
@@ -214,9 +220,12 @@ def train_step(state: TrainState, batch: dict, drop_path_rate: jax.Array, *, mod
       state: the replicated TrainState (donated).
       batch: {'image': uint8 (B, H, W, C), 'label': int32 (B,)}, split over the 'data' axis.
       drop_path_rate: () float32, this epoch's drop-path rate (traced: no recompilation per epoch).
+      lr_scale: () float32 multiplying the learning rate (1; lower after a nan_policy=rollback).
+        SGD's update is linear in the learning rate, so scaling the update scales the rate.
     Returns:
-      (new state, metrics {'loss', 'ce', 'aux_ce', 'top1', 'grad_norm', 'lr'}: () float32 each);
-      loss = ce + aux_weight * aux_ce (aux_ce 0 without an auxiliary head).
+      (new state, metrics {'loss', 'ce', 'aux_ce', 'top1', 'grad_norm', 'lr', 'finite'}: () float32
+      each); loss = ce + aux_weight * aux_ce (aux_ce 0 without an auxiliary head); finite is 1 when
+      the loss and every gradient are finite (the host stops or rolls back otherwise).
     """
     step_key = jax.random.fold_in(state.key, state.step)
     aug_key, drop_key = jax.random.split(step_key)
@@ -238,14 +247,21 @@ def train_step(state: TrainState, batch: dict, drop_path_rate: jax.Array, *, mod
     # them explicitly keeps that true whatever the network does.
     grads = apply_masks(grads, state.masks)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     # Weight decay of a zero weight is zero and so is its momentum, but float round-off or a mask that
     # changed under a restored optimizer state could still move it: re-mask so pruned weights stay 0.
     params = apply_masks(params, state.masks)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     metrics_ = {"loss": loss, "ce": ce, "aux_ce": aux_ce, "top1": jnp.mean(_correct(logits, labels, 1)),
-                "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(schedule(state.step), jnp.float32)}
+                "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(schedule(state.step), jnp.float32) * lr_scale,
+                "finite": (jnp.isfinite(loss) & all_finite(grads)).astype(jnp.float32)}
     return new_state, metrics_
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """() bool: every element of every leaf is finite."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, mean, std) -> dict:
@@ -271,7 +287,7 @@ def make_train_step(config, model, tx, schedule, mean, std, mesh):
                            label_smoothing=config.train.label_smoothing,
                            aux_weight=config.model.auxiliary_weight if config.model.auxiliary else 0.0)
     replicated = parallel.replicated_sharding(mesh)
-    return jax.jit(fn, in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
+    return jax.jit(fn, in_shardings=(replicated, parallel.batch_sharding(mesh), replicated, replicated),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -342,6 +358,46 @@ def _json_default(x):
     return repr(x)
 
 
+def _restore(ckpt: checkpoint_lib.Checkpointer, step: int, like: TrainState) -> tuple[TrainState, dict]:
+    """The state and loop position (epoch, batch, lr_scale, rollbacks) of checkpoint `step`."""
+    meta = ckpt.meta(step)
+    state = ckpt.restore(step, like)
+    pos = dict(epoch=int(meta["epoch"]), batch=int(meta.get("batch", 0)),
+               lr_scale=float(meta.get("lr_scale", 1.0)), rollbacks=int(meta.get("rollbacks", 0)))
+    return state, pos
+
+
+def _non_finite(config, ckpt: checkpoint_lib.Checkpointer, state: TrainState, pos: dict, bad_step: int,
+                initial_state: Callable[[], TrainState]) -> tuple[TrainState, dict]:
+    """A non-finite loss or gradient at optimizer step `bad_step`: stop, or roll back (nan_policy).
+
+    Nothing of the failed stretch is saved. Rolling back restores the latest checkpoint (the initial
+    state when there is none) and multiplies the learning rate by rollback_lr_factor; the scale and
+    the count are stored in later checkpoints, so a resumed run keeps them.
+    """
+    t = config.train
+    ckpt.wait()  # the last save may still be in flight
+    latest = ckpt.latest_step()
+    where = f"step {bad_step} (epoch {pos['epoch'] + 1})"
+    last = ("no checkpoint yet" if latest is None
+            else f"the last good checkpoint is step {latest} in {ckpt.directory}")
+    if t.nan_policy == "rollback" and pos["rollbacks"] < t.max_rollbacks:
+        if latest is None:
+            state, back = initial_state(), dict(epoch=0, batch=0)
+        else:
+            state, back = _restore(ckpt, latest, state)
+        pos = dict(back, lr_scale=pos["lr_scale"] * t.rollback_lr_factor, rollbacks=pos["rollbacks"] + 1)
+        logging.warning("non-finite loss or gradient at %s: rolled back to step %d (rollback %d of %d), "
+                        "learning rate x %g", where, int(state.step), pos["rollbacks"], t.max_rollbacks,
+                        pos["lr_scale"])
+        return state, pos
+    fix = ("train.max_rollbacks rollbacks did not help; lower train.lr" if t.nan_policy == "rollback"
+           else "lower train.lr (or set train.nan_policy=rollback)")
+    raise FloatingPointError(
+        f"non-finite loss or gradient at {where}; {last}; nothing was saved after it. "
+        f"To go on: {fix} and run the same command again, which resumes from the last checkpoint.")
+
+
 def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSpec] = None,
                        masks: Any = None, epoch_hooks: Iterable[EpochHook] = ()) -> dict:
     """Trains for config.train.epochs (resuming from workdir), tests, writes workdir/results.json.
@@ -388,60 +444,95 @@ def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSp
 
         schedule = learning_rate_schedule(config, steps_per_epoch)
         tx = make_optimizer(config, steps_per_epoch)
-        state = create_train_state(config, spec, jax.random.key(config.seed), ds.image_shape, tx=tx, masks=masks,
-                                   mesh=mesh)
+
+        def initial_state():
+            return create_train_state(config, spec, jax.random.key(config.seed), ds.image_shape, tx=tx,
+                                      masks=masks, mesh=mesh)
+
+        state = initial_state()
         model = network.Network(spec)
         p_train_step = make_train_step(config, model, tx, schedule, ds.mean, ds.std, mesh)
         p_eval_step = make_eval_step(model, ds.mean, ds.std, mesh)
 
         writer = metrics.MetricWriter(workdir, enabled=chief)
-        start_epoch = 0
+        # Where the loop stands: epoch, batches of it done, learning-rate scale and rollbacks so far.
+        pos = dict(epoch=0, batch=0, lr_scale=1.0, rollbacks=0)
         if latest is not None:
-            state = ckpt.restore(latest, state)
-            start_epoch = int(ckpt.meta(latest)["epoch"])
+            state, pos = _restore(ckpt, latest, state)
             # Lines logged after the checkpoint by the interrupted run are logged again by this one.
             writer.truncate_after(int(state.step))
-            logging.info("resumed from %s at epoch %d (step %d)", ckpt.directory, start_epoch, int(state.step))
+            logging.info("resumed from %s at epoch %d, batch %d (step %d)", ckpt.directory, pos["epoch"],
+                         pos["batch"], int(state.step))
         if chief:
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
                 json.dump({"config_hash": run_hash, "config": config.to_dict()}, f, indent=2,
                           default=_json_default)
 
-        for epoch in range(start_epoch, t.epochs):
-            # DARTS: drop_path_prob * epoch / epochs, so 0 in the first epoch.
-            rate = jnp.asarray(config.model.drop_path * epoch / t.epochs, jnp.float32)
-            batches = itertools.islice(ds.train.batches(t.batch_size, epoch=epoch, seed=config.seed,
-                                                        shuffle=True, drop_remainder=True), steps_per_epoch)
-            window = []
-            bar = tqdm.tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
-                            disable=not (t.progress and chief))
-            for i, batch in enumerate(batches):
-                state, step_metrics = p_train_step(state, parallel.shard_batch(batch, mesh), rate)
-                window.append(step_metrics)
-                bar.update(1)
-                if len(window) == t.log_every_steps or i == steps_per_epoch - 1:
-                    # One device_get per log line, not per step: the host never waits on each step.
-                    mean = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
-                    mean["drop_path"] = float(rate)
-                    writer.write(int(state.step), epoch, "train", mean)
-                    bar.set_postfix(loss=f"{mean['loss']:.3f}", top1=f"{mean['top1']:.3f}")
-                    window = []
-            bar.close()
-            if t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0 and ds.val.num_examples:
-                writer.write(int(state.step), epoch, "val",
-                             evaluate(p_eval_step, state, ds.val, batch_size=t.eval_batch_size, mesh=mesh))
+        def save(state, pos):
             # The save copies the state to the host before returning; the write runs in the background.
-            ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "step": int(state.step),
-                                         "config_hash": run_hash, "config": identity})
-            for hook in epoch_hooks:
-                hook(epoch + 1, state)
+            ckpt.save(int(state.step), state, dict(pos, step=int(state.step), config_hash=run_hash,
+                                                   config=identity))
+
+        with checkpoint_lib.SigtermFlag() as sigterm:
+            while pos["epoch"] < t.epochs:
+                epoch = pos["epoch"]
+                # DARTS: drop_path_prob * epoch / epochs, so 0 in the first epoch.
+                rate = jnp.asarray(config.model.drop_path * epoch / t.epochs, jnp.float32)
+                lr_scale = jnp.asarray(pos["lr_scale"], jnp.float32)
+                batches = itertools.islice(ds.train.batches(t.batch_size, epoch=epoch, seed=config.seed,
+                                                            shuffle=True, drop_remainder=True),
+                                           pos["batch"], steps_per_epoch)
+                window, bad_step = [], None
+                bar = tqdm.tqdm(total=steps_per_epoch, initial=pos["batch"], desc=f"epoch {epoch + 1}/{t.epochs}",
+                                leave=False, disable=not (t.progress and chief))
+                for i, batch in enumerate(batches, start=pos["batch"]):
+                    state, step_metrics = p_train_step(state, parallel.shard_batch(batch, mesh), rate, lr_scale)
+                    window.append(step_metrics)
+                    bar.update(1)
+                    stop = sigterm.requested and i < steps_per_epoch - 1
+                    if len(window) == t.log_every_steps or i == steps_per_epoch - 1 or stop:
+                        # One device_get per log line, not per step: the host never waits on each step.
+                        host = jax.device_get(window)
+                        finite = [m.pop("finite") for m in host]
+                        if min(finite) < 1.0:
+                            bad_step = int(state.step) - len(window) + finite.index(min(finite))
+                            break
+                        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                        mean["drop_path"] = float(rate)
+                        writer.write(int(state.step), epoch, "train", mean)
+                        bar.set_postfix(loss=f"{mean['loss']:.3f}", top1=f"{mean['top1']:.3f}")
+                        window = []
+                    if stop:
+                        bar.close()
+                        save(state, dict(pos, batch=i + 1))
+                        ckpt.wait()
+                        raise checkpoint_lib.Preempted(
+                            f"SIGTERM: training stopped at epoch {epoch + 1}, batch {i + 1} of {steps_per_epoch}, "
+                            f"and checkpointed there in {ckpt.directory}; run the same command again to resume")
+                bar.close()
+                if bad_step is not None:
+                    state, pos = _non_finite(config, ckpt, state, pos, bad_step, initial_state)
+                    writer.truncate_after(int(state.step))
+                    continue
+                if t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0 and ds.val.num_examples:
+                    writer.write(int(state.step), epoch, "val",
+                                 evaluate(p_eval_step, state, ds.val, batch_size=t.eval_batch_size, mesh=mesh))
+                pos = dict(pos, epoch=epoch + 1, batch=0)
+                save(state, pos)
+                for hook in epoch_hooks:
+                    hook(epoch + 1, state)
+                if sigterm.requested:
+                    ckpt.wait()
+                    raise checkpoint_lib.Preempted(
+                        f"SIGTERM: training stopped after epoch {epoch + 1} and checkpointed it in "
+                        f"{ckpt.directory}; run the same command again to resume")
         ckpt.wait()
 
         results = {"test": evaluate(p_eval_step, state, ds.test, batch_size=t.eval_batch_size, mesh=mesh)}
         if ds.val.num_examples:
             results["val"] = evaluate(p_eval_step, state, ds.val, batch_size=t.eval_batch_size, mesh=mesh)
         results["params"] = network.count_params(jax.device_get(state.params), jax.device_get(state.masks) or None)
-        results.update(epochs=t.epochs, steps=int(state.step), config_hash=run_hash,
+        results.update(epochs=t.epochs, steps=int(state.step), rollbacks=pos["rollbacks"], config_hash=run_hash,
                        config=json.loads(json.dumps(config.to_dict(), default=_json_default)))
         writer.write(int(state.step), t.epochs - 1, "test", results["test"])
     finally:

@@ -177,9 +177,39 @@ def test_non_finite_loss_stops_with_step_stage_and_no_checkpoint(tmp_path, monke
     # lambda is a run-time input of the compiled step: a NaN there poisons the loss of the first step
     monkeypatch.setattr(pruning, "lambda_start", lambda lambda0: pruning.LambdaState(float("nan"), 0.0))
     workdir = tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match=r"epoch 0 \(stage 1, warmup\).*last good checkpoint is epoch None"):
+    with pytest.raises(FloatingPointError, match=r"epoch 0 \(stage 1, warmup\); no checkpoint yet; nothing was "
+                                                 r"saved.*search.nan_policy=rollback"):
         run(workdir)
     assert ckpt_lib.Checkpointer(str(workdir / "checkpoints"), max_to_keep=3).latest_step() is None
+
+
+def test_rollback_policy_restores_the_last_checkpoint_with_lower_learning_rates(tmp_path, monkeypatch):
+    from mgas_jax import checkpoint as ckpt_lib
+
+    original = search.Searcher.run_epoch
+    calls = {"n": 0}
+
+    def run_epoch(self, spec, state, progress, flags):
+        calls["n"] += 1
+        if calls["n"] == 2:   # the 2nd epoch starts from NaN weights: a real non-finite loss
+            state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+        if calls["n"] == 4:
+            raise KeyboardInterrupt   # enough: epoch 1 redone, and one more
+        if calls["n"] >= 3:
+            assert flags[0] == pytest.approx(0.5)   # the weights' update (hence lr) halved
+        return original(self, spec, state, progress, flags)
+
+    monkeypatch.setattr(search.Searcher, "run_epoch", run_epoch)
+    config = tiny_search_config()
+    config.search.nan_policy = "rollback"
+    workdir = tmp_path / "rollback"
+    with pytest.raises(KeyboardInterrupt):
+        run(workdir, config)
+    ckpt = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), max_to_keep=3)
+    progress = ckpt.meta()["progress"]
+    ckpt.close()
+    assert progress["lr_scale"] == 0.5 and progress["rollbacks"] == 1 and progress["epoch"] == 2
+    assert any(line.startswith("rollback 1: non-finite loss or gradient in search epoch 1") for line in progress["log"])
 
 
 def test_exports_are_never_overwritten_and_masks_must_match(searched, tmp_path):

@@ -85,7 +85,7 @@ def test_cli_run_writes_everything(tmp_path, compilation_cache):
     assert lines[0]["aux_ce"] > 0
     assert lines[0]["loss"] == pytest.approx(lines[0]["ce"] + 0.4 * lines[0]["aux_ce"], rel=1e-5)
     assert glob.glob(str(workdir / "tb" / "events.out.tfevents.*"))
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]  # numbered by optimizer step
     assert "test top1" in out.stderr
 
 
@@ -93,8 +93,8 @@ def test_uninterrupted_run(uninterrupted):
     workdir, results = uninterrupted
     assert results["steps"] == 6 and results["epochs"] == 2
     assert set(results) >= {"test", "val", "params", "config_hash"}
-    # keep_checkpoints = 2: both epochs are kept.
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+    # keep_checkpoints = 2: both epochs are kept (numbered by optimizer step, 3 per epoch).
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     meta = ckpt.meta()
     ckpt.close()
@@ -116,7 +116,7 @@ def test_resume_gives_the_same_numbers(uninterrupted, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(tiny(), workdir, epoch_hooks=[interrupt])
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
     # The same command again; non-semantic keys may differ (here the logging interval).
@@ -127,6 +127,159 @@ def test_resume_gives_the_same_numbers(uninterrupted, tmp_path):
     lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     train_steps = [line["step"] for line in lines if line["split"] == "train"]
     assert train_steps == [2, 3, 4, 5, 6]  # epoch 0 logged every 2 steps, epoch 1 (resumed) every step
+
+
+def steps_calling(monkeypatch, action):
+    """Wraps the jitted train step: `action(n, args)` runs before its n-th call (1-based) and returns
+    the (possibly changed) arguments."""
+    original = train.make_train_step
+    calls = {"n": 0}
+
+    def make(*args, **kwargs):
+        step = original(*args, **kwargs)
+
+        def wrapped(*step_args):
+            calls["n"] += 1
+            return step(*action(calls["n"], step_args))
+        return wrapped
+
+    monkeypatch.setattr(train, "make_train_step", make)
+    return calls
+
+
+def test_sigterm_checkpoints_inside_an_epoch_and_resumes(uninterrupted, tmp_path, monkeypatch):
+    """A real SIGTERM in the 2nd step of epoch 2: checkpoint at that step, clean exit, exact resume."""
+    import signal
+    _, expected = uninterrupted
+    workdir = str(tmp_path / "preempted")
+
+    def signal_at_5(n, args):
+        if n == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only flags; the step runs to its end
+        return args
+
+    steps_calling(monkeypatch, signal_at_5)
+    with pytest.raises(SystemExit, match="SIGTERM: training stopped at epoch 2, batch 2 of 3") as e:
+        train.train_and_evaluate(tiny(), workdir)
+    assert isinstance(e.value, checkpoint_lib.Preempted)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "5"]
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+    meta = ckpt.meta()
+    ckpt.close()
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 2, 5)
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    monkeypatch.undo()
+
+    results = train.train_and_evaluate(tiny(), workdir)
+    assert results["test"] == expected["test"] and results["val"] == expected["val"]
+    assert results["steps"] == 6
+    train_steps = [line["step"] for line in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+                   if line["split"] == "train"]
+    assert train_steps == [2, 3, 5, 6]  # the preempted run flushed its window at step 5
+
+
+def poison_params(n_from, n_to=None):
+    """Before calls n_from..n_to: every weight NaN (the step then sees a non-finite loss)."""
+    def action(n, args):
+        if n_from <= n and (n_to is None or n <= n_to):
+            state = args[0]
+            args = (state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params)),) + args[1:]
+        return args
+    return action
+
+
+def test_non_finite_loss_stops_names_the_step_and_saves_nothing(uninterrupted, tmp_path, monkeypatch):
+    _, expected = uninterrupted
+    workdir = str(tmp_path / "nan")
+    steps_calling(monkeypatch, poison_params(5))
+    with pytest.raises(FloatingPointError) as e:
+        train.train_and_evaluate(tiny(), workdir)
+    message = str(e.value)
+    for fragment in ("step 4 (epoch 2)", "last good checkpoint is step 3", "lower train.lr",
+                     "nan_policy=rollback", "run the same command again"):
+        assert fragment in message
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]   # nothing written after
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert all(np.isfinite(line["loss"]) for line in lines if "loss" in line)
+    monkeypatch.undo()
+    # The fault is gone: the same command resumes from step 3 and ends as if nothing had happened.
+    results = train.train_and_evaluate(tiny(), workdir)
+    assert results["test"] == expected["test"] and results["rollbacks"] == 0
+
+
+def test_rollback_policy_restores_the_checkpoint_and_lowers_the_learning_rate(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "rollback")
+    calls = steps_calling(monkeypatch, poison_params(5, 5))   # one bad step, in epoch 2
+    config = tiny(nan_policy="rollback", rollback_lr_factor=0.25, log_every_steps=1)
+    results = train.train_and_evaluate(config, workdir)
+    assert calls["n"] == 8  # 3 in epoch 1; 2 in its failed try of epoch 2 (the 2nd bad); 3 in the redo
+    assert results["rollbacks"] == 1 and results["steps"] == 6
+    assert np.isfinite(results["test"]["loss"])
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+    meta = ckpt.meta()
+    ckpt.close()
+    assert meta["lr_scale"] == 0.25 and meta["rollbacks"] == 1
+    lines = [line for line in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if line["split"] == "train"]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]   # the discarded line of step 4 is gone
+    schedule = train.learning_rate_schedule(config, 3)
+    assert lines[3]["lr"] == pytest.approx(0.25 * float(schedule(3)))
+    assert lines[2]["lr"] == pytest.approx(float(schedule(2)))
+
+
+def test_rollback_gives_up_after_max_rollbacks(tmp_path, monkeypatch):
+    steps_calling(monkeypatch, poison_params(5))   # every step from the 5th on is bad
+    with pytest.raises(FloatingPointError, match="train.max_rollbacks rollbacks did not help"):
+        train.train_and_evaluate(tiny(nan_policy="rollback", max_rollbacks=2), str(tmp_path / "hopeless"))
+
+
+def test_half_written_checkpoint_is_ignored_on_resume(uninterrupted, tmp_path):
+    """What a kill during orbax's write leaves (a temporary directory) is not taken for a checkpoint."""
+    _, expected = uninterrupted
+    workdir = str(tmp_path / "killed")
+
+    def interrupt(epoch, state):
+        del state
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny(), workdir, epoch_hooks=[interrupt])
+    # The next save (step 6) killed mid-write: orbax writes into a temporary directory and renames it
+    # only when complete.
+    partial = os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp-1764390000000000")
+    os.makedirs(os.path.join(partial, "state"))
+    with open(os.path.join(partial, "state", "_METADATA"), "w") as f:
+        f.write('{"tree_metadata": {"par')   # cut off
+    results = train.train_and_evaluate(tiny(), workdir)
+    assert results["test"] == expected["test"] and results["steps"] == 6
+
+
+def test_sigkill_at_any_moment_then_resume(uninterrupted, tmp_path, compilation_cache):
+    """SIGKILL the CLI as soon as its first checkpoint write begins, and again later; reruns finish
+    with the uninterrupted numbers."""
+    import signal
+    import time
+    _, expected = uninterrupted
+    workdir = tmp_path / "sigkill"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-m", "mgas_jax.main", f"--config={TINY}", f"--workdir={workdir}"]
+    ckpts = workdir / "checkpoints"
+    for n_entries in (1, 2):   # kill when the 1st, then the 2nd, checkpoint entry appears
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if ckpts.exists() and len(os.listdir(ckpts)) >= n_entries:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["test"] == expected["test"]
+    assert results["steps"] == 6
 
 
 def test_workdir_of_another_config_is_refused(uninterrupted):
@@ -191,7 +344,7 @@ def test_train_step_remasks_after_the_update():
     step = train.make_train_step(config, network.Network(spec), tx, train.learning_rate_schedule(config, 3),
                                  ds.mean, ds.std, mesh)
     batch = next(ds.train.batches(16, epoch=0, seed=0, shuffle=True, drop_remainder=True))
-    new_state, step_metrics = step(state, parallel.shard_batch(batch, mesh), jnp.float32(0.1))
+    new_state, step_metrics = step(state, parallel.shard_batch(batch, mesh), jnp.float32(0.1), jnp.float32(1.0))
     params = jax.device_get(new_state.params)
     assert np.all(pruned_values(params, masks) == 0.0)
     assert np.isfinite(float(step_metrics["loss"]))
