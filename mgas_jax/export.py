@@ -237,7 +237,8 @@ def export_targets(records_dir: str, records: list, targets: list, out_dir: str,
                                               f"(smallest: {smallest}); run the final phase longer "
                                               f"(search.final_max_epochs) or lower search.final_size_floor")
             continue
-        with open(hit["path"], "rb") as f:
+        # The record's own directory, not its stored absolute path: a moved workdir still exports.
+        with open(os.path.join(records_dir, os.path.basename(hit["path"])), "rb") as f:
             rec = json.loads(f.read())
         with open(os.path.join(records_dir, rec["masks"]), "rb") as f:
             npz = f.read()

@@ -243,3 +243,18 @@ def test_exports_are_never_overwritten_and_masks_must_match(searched, tmp_path):
     (d / "b.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(export.ExportError, match="not an MGAS architecture"):
         export.load_architecture(str(d / "b.json"))
+
+
+def test_a_moved_search_workdir_still_exports(searched, tmp_path):
+    """Records store absolute paths; exporting reads them from the records directory it is given."""
+    import shutil
+
+    workdir, result = searched
+    moved = tmp_path / "moved_records"
+    shutil.copytree(workdir / "records", moved)
+    records = [dict(r, path=os.path.join("/nonexistent/old/workdir/records", os.path.basename(r["path"])))
+               for r in result["records"]]
+    summary = export.export_targets(str(moved), records, [100_000], str(tmp_path / "export"))
+    assert summary["100000"]["params"] == result["summary"]["100000"]["params"]
+    with open(summary["100000"]["path"]) as f, open(result["summary"]["100000"]["path"]) as g:
+        assert json.load(f)["cells"] == json.load(g)["cells"]
