@@ -143,10 +143,18 @@ def _nest(flat: dict) -> dict:
     return out
 
 
-def derived_masks(masks: dict, record: dict) -> dict:
-    """Weight masks of the derived network: {kernel path: 0/1 array} for its sep/dil kernels."""
+def derived_masks(masks: dict, record: dict, *, weight_level: bool = True) -> dict:
+    """Weight masks of the derived network: {kernel path: 0/1 array} for its sep/dil kernels.
+
+    A search without the weight level (search.weight_level = False, the op-level baseline) has no
+    weight masks: then every kernel of the derived network gets an all-ones mask, so that its export
+    has the format retraining reads. With the weight level a missing mask stays missing (and the
+    record's check reports it).
+    """
     cells = genotype_lib.cells_from_json(record["cells"])
     out = {}
+    if not weight_level:
+        return {p: np.ones(v.shape, np.uint8) for p, v in _flat(_network_shapes(record).get("masks", {})).items()}
     for i, cell in enumerate(cells):
         for o in cell.ops:
             sub = masks.get(f"cell_{i}", {}).get(supernet.op_name(o))
@@ -165,12 +173,16 @@ def network_spec(record: dict, *, auxiliary: bool = False, **kwargs) -> network.
                                auxiliary=auxiliary, pool_bn=True, masked=True, **kwargs)
 
 
+def _network_shapes(record: dict) -> dict:
+    """The variable shapes (params, batch_stats, masks) of the record's network, without computing them."""
+    spec = network_spec(record)
+    x = np.zeros((1,) + tuple(record["input_shape"]), np.float32)
+    return jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), x, train=False))
+
+
 def network_params(record: dict, masks_flat: dict) -> dict:
     """{'dense', 'nonzero'} parameters of the record's network (auxiliary head excluded)."""
-    spec = network_spec(record)
-    x = jax.ShapeDtypeStruct((1,) + tuple(record["input_shape"]), np.float32)
-    shapes = jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), np.zeros(x.shape, x.dtype),
-                                                               train=False))
+    shapes = _network_shapes(record)
     check_masks(shapes.get("masks", {}), masks_flat, where="the record")
     return network.count_params(shapes["params"], _nest(masks_flat))
 
@@ -204,7 +216,7 @@ def make_record(spec: supernet.SuperNetSpec, masks: dict, input_shape, *, index:
                input_shape=[int(s) for s in input_shape], cells=genotype_lib.cells_to_json(cells),
                counts=pruning.count_units(dataclasses.replace(spec, cells=cells), masks),
                val_accuracy=None if val_accuracy != val_accuracy else float(val_accuracy))
-    rec["params"] = network_params(rec, derived_masks(masks, rec))
+    rec["params"] = network_params(rec, derived_masks(masks, rec, weight_level=spec.weight_level))
     return rec
 
 

@@ -652,7 +652,8 @@ def record_commit(s: Searcher, spec, state: SearchState, progress: Progress) -> 
     rec = export_lib.make_record(spec, masks, s.ds.image_shape, index=len(progress.records), epoch=progress.epoch,
                                  config=s.semantic, seed=s.config.seed, val_accuracy=val,
                                  stem_channels=spec.stem_channels)
-    path = export_lib.write_record(os.path.join(s.workdir, "records"), rec, export_lib.derived_masks(masks, rec))
+    path = export_lib.write_record(os.path.join(s.workdir, "records"), rec,
+                                   export_lib.derived_masks(masks, rec, weight_level=spec.weight_level))
     progress.records.append(dict(index=rec["index"], epoch=rec["epoch"], path=path, params=rec["params"],
                                  val_accuracy=val, counts=rec["counts"]))
     _log(progress, f"record {rec['index']}: {rec['params']['nonzero']} non-zero / {rec['params']['dense']} dense "
