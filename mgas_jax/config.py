@@ -150,6 +150,18 @@ DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("cosine", "step")
 NAN_POLICIES = ("stop", "rollback")
 
+
+def _nan_policy_fields(what: str) -> dict:
+    """The keys of a section's reaction to a non-finite loss or gradient (train.*, search.*)."""
+    return {
+        "nan_policy": Field(str, one_of(*NAN_POLICIES), "on a non-finite loss or gradient: stop, or roll back "
+                            f"to the last checkpoint and go on with {what} lowered", semantic=False),
+        "rollback_lr_factor": Field(float, fraction, f"nan_policy=rollback: {what} x this per rollback",
+                                    semantic=False),
+        "max_rollbacks": Field(int, non_negative, "nan_policy=rollback: rollbacks before giving up",
+                               semantic=False),
+    }
+
 SCHEMA: dict[str, Any] = {
     "mode": Field(str, one_of(*modes.MODE_NAMES), "what to run (see mgas_jax/modes.py)", semantic=False),
     "seed": Field(int, non_negative, "seeds parameters, data order, augmentation and drop-path"),
@@ -200,12 +212,7 @@ SCHEMA: dict[str, Any] = {
         "log_every_steps": Field(int, positive, "steps between training-metric log lines",
                                  semantic=False),
         "progress": Field(bool, None, "tqdm progress bar per epoch", semantic=False),
-        "nan_policy": Field(str, one_of(*NAN_POLICIES), "on a non-finite loss or gradient: stop, or roll "
-                            "back to the last checkpoint and go on with a lower learning rate", semantic=False),
-        "rollback_lr_factor": Field(float, fraction, "nan_policy=rollback: learning rate x this per rollback",
-                                    semantic=False),
-        "max_rollbacks": Field(int, non_negative, "nan_policy=rollback: rollbacks before giving up",
-                               semantic=False),
+        **_nan_policy_fields("the learning rate"),
     },
 }
 
@@ -251,12 +258,7 @@ SCHEMA["search"] = {
     "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)"),
     "keep_checkpoints": Field(int, positive, "search checkpoints kept", semantic=False),
     "progress": Field(bool, None, "tqdm bar per epoch", semantic=False),
-    "nan_policy": Field(str, one_of(*NAN_POLICIES), "on a non-finite loss or gradient: stop, or roll back "
-                        "to the last checkpoint and go on with lower learning rates", semantic=False),
-    "rollback_lr_factor": Field(float, fraction, "nan_policy=rollback: every group's lr x this per rollback",
-                                semantic=False),
-    "max_rollbacks": Field(int, non_negative, "nan_policy=rollback: rollbacks before giving up",
-                           semantic=False),
+    **_nan_policy_fields("every group's learning rate"),
 }
 
 SCHEMA["export"] = {

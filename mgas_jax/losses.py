@@ -45,3 +45,8 @@ def op_sparsity(alpha: jax.Array, active: jax.Array, node_of_edge) -> jax.Array:
 def threshold_penalty(thresholds: jax.Array, active: jax.Array | float = 1.0) -> jax.Array:
     """R_thr: sum of exp(-t) over the thresholds of active units (pressure that raises thresholds)."""
     return jnp.sum(jnp.exp(-thresholds) * active)
+
+
+def all_finite(tree) -> jax.Array:
+    """() bool: every element of every leaf of `tree` (e.g. the gradients) is finite."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

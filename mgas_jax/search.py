@@ -169,7 +169,7 @@ def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, dat
         trainable = {"params": state.params, "arch": state.arch}
         grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
             trainable, state.batch_stats, state.masks, images, batch["label"], lam)
-        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        finite = losses.all_finite(grads)
         labels = param_labels(trainable)
         flag = {g: flags[i] for i, g in enumerate(GROUPS)}
         updates, new_opt = tx.update(grads, state.opt_state, trainable)
@@ -411,6 +411,16 @@ class Searcher:
         return parallel.replicate(state, self.mesh), progress
 
 
+def _restore_or_start(s: Searcher, all_cells) -> tuple[SearchState, Progress]:
+    """The latest checkpoint's state and progress, or the start of the search (stage 1's cells) when
+    there is none."""
+    restored = s.restore()
+    if restored is not None:
+        return restored
+    progress = Progress(cells=cells_to_json(all_cells[:built_cells(s.cfg.layers, 1)]))
+    return parallel.replicate(s.fresh_state(s.spec_of(progress), 0), s.mesh), progress
+
+
 def _non_finite(s: Searcher, progress: Progress, all_cells) -> tuple[SearchState, Progress]:
     """A non-finite loss or gradient in this epoch: stop, or roll back (search.nan_policy).
 
@@ -421,12 +431,7 @@ def _non_finite(s: Searcher, progress: Progress, all_cells) -> tuple[SearchState
     last = s.ckpt.latest_step()
     where = f"search epoch {progress.epoch} (stage {_stage_name(progress.stage)}, {progress.phase})"
     if cfg.nan_policy == "rollback" and progress.rollbacks < cfg.max_rollbacks:
-        restored = s.restore()
-        if restored is None:
-            back = Progress(cells=cells_to_json(all_cells[:built_cells(cfg.layers, 1)]))
-            state = parallel.replicate(s.fresh_state(s.spec_of(back), 0), s.mesh)
-        else:
-            state, back = restored
+        state, back = _restore_or_start(s, all_cells)
         back.lr_scale = progress.lr_scale * cfg.rollback_lr_factor
         back.rollbacks = progress.rollbacks + 1
         s.writer.truncate_after(back.epoch)
@@ -465,16 +470,10 @@ def search(config, workdir: str) -> dict:
     cfg = s.cfg
     layers = cfg.layers
     all_cells = supernet.full_cells(cfg.init_channels, layers, cfg.steps)
-    restored = s.restore()
-    if restored is None:
-        progress = Progress()
-        progress.cells = cells_to_json(all_cells[:built_cells(layers, 1)])
-        state = s.fresh_state(s.spec_of(progress), 0)
-        state = parallel.replicate(state, s.mesh)
-    else:
-        state, progress = restored
+    resumed = s.ckpt.latest_step() is not None
+    state, progress = _restore_or_start(s, all_cells)
     s.writer = MetricWriter(workdir)
-    if restored is not None:
+    if resumed:
         s.writer.truncate_after(progress.epoch)  # lines of the interrupted epoch are written again
 
     with _sigterm_checkpoint(s):

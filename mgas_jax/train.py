@@ -255,13 +255,8 @@ def train_step(state: TrainState, batch: dict, drop_path_rate: jax.Array, lr_sca
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     metrics_ = {"loss": loss, "ce": ce, "aux_ce": aux_ce, "top1": jnp.mean(_correct(logits, labels, 1)),
                 "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(schedule(state.step), jnp.float32) * lr_scale,
-                "finite": (jnp.isfinite(loss) & all_finite(grads)).astype(jnp.float32)}
+                "finite": (jnp.isfinite(loss) & losses.all_finite(grads)).astype(jnp.float32)}
     return new_state, metrics_
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """() bool: every element of every leaf is finite."""
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, mean, std) -> dict:

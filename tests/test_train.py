@@ -105,17 +105,19 @@ def test_uninterrupted_run(uninterrupted):
     assert rates == {0: 0.0, 1: pytest.approx(0.1)}
 
 
+def interrupt_after_epoch_1(epoch, state):
+    """An epoch hook: the job dies right after epoch 1's checkpoint, as a preempted one would."""
+    del state
+    if epoch == 1:
+        raise KeyboardInterrupt
+
+
 def test_resume_gives_the_same_numbers(uninterrupted, tmp_path):
     _, expected = uninterrupted
     workdir = str(tmp_path / "resumed")
 
-    def interrupt(epoch, state):
-        del state
-        if epoch == 1:
-            raise KeyboardInterrupt  # as a preempted job: after epoch 1's checkpoint
-
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(tiny(), workdir, epoch_hooks=[interrupt])
+        train.train_and_evaluate(tiny(), workdir, epoch_hooks=[interrupt_after_epoch_1])
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
@@ -238,13 +240,8 @@ def test_half_written_checkpoint_is_ignored_on_resume(uninterrupted, tmp_path):
     _, expected = uninterrupted
     workdir = str(tmp_path / "killed")
 
-    def interrupt(epoch, state):
-        del state
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(tiny(), workdir, epoch_hooks=[interrupt])
+        train.train_and_evaluate(tiny(), workdir, epoch_hooks=[interrupt_after_epoch_1])
     # The next save (step 6) killed mid-write: orbax writes into a temporary directory and renames it
     # only when complete.
     partial = os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp-1764390000000000")
