@@ -8,6 +8,7 @@ masks on), one-level search (weights, alpha, beta and thresholds all updated), `
     python benchmarks/bench_search_step.py --layers 5 --steps 2    # smaller, when 8 cells is too slow
     python benchmarks/bench_search_step.py --stages                # memory of each stage's sub-net step
     python benchmarks/bench_search_step.py --sweep                 # time and memory vs batch, C, cells
+    python benchmarks/bench_search_step.py --cache-dir=/tmp/c      # ours twice: compiling, then from the cache
 
 Ours is `search.make_step` (the jit-compiled step the search runs), measured in a fresh subprocess
 per configuration so that each side's peak RSS is its own. It reports the trace (lower) and XLA
@@ -139,6 +140,9 @@ def run_ours(args, stage=None, **override) -> dict:
         # XLA's HLO passes and buffer assignment (so xla_step_mb) are unchanged; only LLVM's
         # optimisation is off: compiles several times faster, runs slower.
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    if args.cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(args.cache_dir)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("OURS "):
@@ -183,10 +187,21 @@ def _device_kind() -> str:
 def compare(args) -> None:
     print(f"config: batch {args.batch}, C {args.channels}, {args.layers} cells, {args.image}x{args.image}, "
           f"{args.classes} classes, steps {args.steps} after {args.warmup} warm-up", flush=True)
+    cached_before = _cache_entries(args.cache_dir)
+    if cached_before:
+        print(f"note: {args.cache_dir} already holds {cached_before} programs; the first run may load, not compile")
     t0 = time.perf_counter()
     ours = run_ours(args)
     ours_wall = time.perf_counter() - t0
     print(_ours_line(ours) + f" wall_s={ours_wall:.0f}", flush=True)
+    warm = None
+    if args.cache_dir:
+        # A second process with the same program: what a resumed or repeated run pays (the step is
+        # loaded from the persistent cache, so neither the compile time nor the compiler's memory).
+        t0 = time.perf_counter()
+        warm = run_ours(args)
+        print("rerun, programs loaded from the cache: " + _ours_line(warm) + f" wall_s={time.perf_counter() - t0:.0f}",
+              flush=True)
     device = "cuda" if ours["device"] == "gpu" else "cpu"
     if args.no_reference:
         return
@@ -199,6 +214,12 @@ def compare(args) -> None:
               f"{ref['peak_gpu_mb'] / ours['peak_device_mb']:.2f}")
     print(f"peak RSS ratio (reference / ours, > 1: ours smaller): {ref['peak_rss_mb'] / ours['peak_rss_mb']:.2f}"
           + ("  (our RSS includes XLA's compiler; xla_step_mb is the step's own buffers)" if device == "cpu" else ""))
+    if warm is not None:
+        print(f"peak RSS ratio, rerun from the cache (reference / ours): {ref['peak_rss_mb'] / warm['peak_rss_mb']:.2f}")
+
+
+def _cache_entries(directory) -> int:
+    return len(os.listdir(directory)) if directory and os.path.isdir(directory) else 0
 
 
 def stages(args) -> None:
@@ -263,6 +284,8 @@ def main(argv=None):
     p.add_argument("--fast-compile", action="store_true",
                    help="compile ours with --xla_backend_optimization_level=0: same memory figures, "
                         "much faster compile, slower (unrepresentative) step times")
+    p.add_argument("--cache-dir", help="JAX's persistent compilation cache for our side; with it, ours runs "
+                                       "twice (compiling, then loading the program like a resumed run)")
     p.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)   # internal: one measurement
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

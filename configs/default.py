@@ -20,6 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Seeds the parameters, the data order (a pure function of (seed, epoch)), augmentation and
     # drop-path (keys fold_in(key(seed), step)); a resumed run therefore repeats the same numbers.
     config.seed = 0
+    # Compiled XLA programs are kept on disk, so a resumed or repeated run of the same structure loads
+    # them instead of compiling again (a full super-net step compiles for minutes on a CPU). '' =
+    # JAX_COMPILATION_CACHE_DIR when set, else <workdir>/xla_cache; 'off' = no cache. Runs of the same
+    # network (study seeds, reruns) can share one directory.
+    config.compilation_cache_dir = ""
 
     config.data = data = ml_collections.ConfigDict()
     data.name = "cifar10"          # digits | cifar10 | cifar100 | imagenet | synthetic

@@ -58,7 +58,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from mgas_jax import baselines, export, reports, retrain, search  # noqa: E402
+from mgas_jax import baselines, export, modes, reports, retrain, search  # noqa: E402
 from mgas_jax import checkpoint as checkpoint_lib  # noqa: E402
 from mgas_jax import config as config_lib  # noqa: E402
 
@@ -114,7 +114,8 @@ def run_seed(config, seed: int, root: str, methods) -> tuple[list, list]:
             logging.error("the operation-level search of seed %d failed: %s", seed, e)
             exports["oplevel"] = {str(t): dict(error=f"the op-level search failed: {e}") for t in config.export.targets}
     if "fixed_ratio" in methods:
-        fixed = {}
+        # the baseline prunes the MGAS export of the same budget; without one there is nothing to match
+        fixed = {str(t): dict(error="no MGAS export at this budget to match") for t in config.export.targets}
         for target, path in _exports(exports["mgas"]).items():
             try:
                 fixed[str(target)] = dict(path=baselines.fixed_ratio_export(
@@ -178,6 +179,9 @@ def main(argv):
     config_lib.validate(config)
     out = os.path.abspath(FLAGS.out)
     os.makedirs(out, exist_ok=True)
+    # One cache for the whole study: a rerun or a resumed study loads its programs instead of compiling,
+    # and the searches of every seed start from the same super-net structure.
+    logging.info("compiled programs cached in %s", modes.setup_compilation_cache(config, out))
     runs, missing = [], []
     for seed in [int(s) for s in FLAGS.seeds]:
         r, m = run_seed(config, seed, out, methods)

@@ -112,20 +112,6 @@ def magnitude_masks(params: dict, kernel_paths: list[tuple], counts: list[int]) 
     return out
 
 
-def _write_once(path: str, data: bytes) -> None:
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            if f.read() == data:
-                return
-        raise export.ExportError(f"{path} exists with different content; a baseline export is never overwritten "
-                                 f"(move it away or use another output directory)")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _filters(cell: genotype_lib.CellSpec) -> int:
     """Output channels of a full-width cell's preprocess layers, pointwise convs and FactorizedReduce skips."""
     n = 2 * cell.width
@@ -200,7 +186,7 @@ def fixed_ratio_export(source_json: str, out_dir: str, *, target: Optional[int] 
     if record["params"]["nonzero"] != target:  # the construction above makes this exact
         raise export.ExportError(f"fixed-ratio baseline: {record['params']['nonzero']} non-zero parameters, "
                                  f"target {target}")
-    _write_once(os.path.join(out_dir, f"{name}.npz"), export.npz_bytes(masks_flat))
+    export.write_once(os.path.join(out_dir, f"{name}.npz"), export.npz_bytes(masks_flat))
     path = os.path.join(out_dir, f"{name}.json")
-    _write_once(path, export.json_bytes(record))
+    export.write_once(path, export.json_bytes(record))
     return os.path.abspath(path)

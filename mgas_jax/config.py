@@ -165,6 +165,9 @@ def _nan_policy_fields(what: str) -> dict:
 SCHEMA: dict[str, Any] = {
     "mode": Field(str, one_of(*modes.MODE_NAMES), "what to run (see mgas_jax/modes.py)", semantic=False),
     "seed": Field(int, non_negative, "seeds parameters, data order, augmentation and drop-path"),
+    "compilation_cache_dir": Field(str, None, "where compiled XLA programs are kept, so a resumed or repeated "
+                                   "run loads them instead of compiling ('' = JAX's setting, else "
+                                   "<workdir>/xla_cache; 'off' = none)", semantic=False),
     "data": {
         "name": Field(str, one_of(*DATASETS), "data set"),
         "data_dir": Field((str, type(None)), None, "where TFDS data sets are prepared (None = TFDS default)",

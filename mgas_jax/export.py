@@ -48,11 +48,33 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_once(path: str, data: bytes) -> None:
-    """Write, unless the file already holds exactly this content; refuse to replace other content."""
+def same_content(old: bytes, new: bytes) -> bool:
+    """Whether two files of an export hold the same thing.
+
+    A JSON record's provenance (its "source" and its baseline's "source": absolute paths of the file it
+    was made from) is not content: a workdir or study moved elsewhere rewrites the same records with
+    other paths, and must resume rather than be refused. Everything else must match exactly.
+    """
+    if old == new:
+        return True
+    try:
+        a, b = json.loads(old), json.loads(new)
+    except ValueError:  # npz bytes, or a damaged file
+        return False
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    for record in (a, b):
+        record.pop("source", None)
+        if isinstance(record.get("baseline"), dict):
+            record["baseline"].pop("source", None)
+    return a == b
+
+
+def write_once(path: str, data: bytes) -> None:
+    """Write, unless the file already holds this content (`same_content`); refuse to replace other content."""
     if os.path.exists(path):
         with open(path, "rb") as f:
-            if f.read() == data:
+            if same_content(f.read(), data):
                 return
         raise ExportError(f"{path} exists with different content; an export is never overwritten. Move it "
                           f"away (or use another workdir) if you mean to replace it.")
@@ -224,9 +246,9 @@ def write_record(directory: str, record: dict, masks_flat: dict) -> str:
     """Write commit_{index:03d}.json and .npz; returns the JSON path."""
     name = f"commit_{record['index']:03d}"
     rec = dict(record, masks=f"{name}.npz")
-    _write_once(os.path.join(directory, f"{name}.npz"), npz_bytes(masks_flat))
+    write_once(os.path.join(directory, f"{name}.npz"), npz_bytes(masks_flat))
     path = os.path.join(directory, f"{name}.json")
-    _write_once(path, json_bytes(rec))
+    write_once(path, json_bytes(rec))
     return path
 
 
@@ -256,8 +278,8 @@ def export_targets(records_dir: str, records: list, targets: list, out_dir: str,
             npz = f.read()
         name = f"arch_{int(target)}"
         rec = dict(rec, target=int(target), budget=budget, masks=f"{name}.npz")
-        _write_once(os.path.join(out_dir, f"{name}.npz"), npz)
-        _write_once(os.path.join(out_dir, f"{name}.json"), json_bytes(rec))
+        write_once(os.path.join(out_dir, f"{name}.npz"), npz)
+        write_once(os.path.join(out_dir, f"{name}.json"), json_bytes(rec))
         summary[str(target)] = dict(path=os.path.join(out_dir, f"{name}.json"), params=hit["params"],
                                     index=hit["index"])
     return summary

@@ -9,6 +9,7 @@ implemented yet; `run` then says so. To implement one, replace None with a funct
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 RunFn = Callable[[Any, str], Any]
@@ -55,6 +56,27 @@ MODES: dict[str, Optional[RunFn]] = {
 }
 
 MODE_NAMES = tuple(MODES)
+
+
+def setup_compilation_cache(config, workdir: str) -> Optional[str]:
+    """Points JAX's persistent compilation cache where `config.compilation_cache_dir` says; returns it.
+
+    '' keeps a directory already set (JAX_COMPILATION_CACHE_DIR, or jax.config by the caller) and
+    otherwise uses <workdir>/xla_cache; 'off' turns the cache off (returns None); any other value is
+    the directory. The cache is keyed by the program and the backend, so a stale entry is never used: a
+    changed network simply compiles (and is then cached too). Call it before the first compilation.
+    """
+    import jax  # lazy, like every mode: this module stays importable without a backend
+
+    wanted = config.get("compilation_cache_dir", "")
+    current = jax.config.jax_compilation_cache_dir
+    if wanted == "off":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    directory = wanted or current or os.path.join(workdir, "xla_cache")
+    if directory != current:
+        jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
 
 
 def run(config, workdir: str):

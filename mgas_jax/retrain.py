@@ -146,7 +146,7 @@ def _copy_architecture(json_path: str, workdir: str) -> str:
         if os.path.exists(path):
             with open(path, "rb") as f:
                 old = f.read()
-            if old != data:
+            if not export.same_content(old, data):  # a moved workdir still resumes
                 raise export.ExportError(
                     f"{workdir} already retrains another architecture ({path} differs from {json_path}); use "
                     f"another workdir for {json_path}, or delete {workdir} to discard the old retraining")

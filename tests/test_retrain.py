@@ -116,6 +116,34 @@ def test_rerun_resumes_to_the_same_results(retrained):
     assert again["flops"] == first["flops"] and again["params"] == first["params"]
 
 
+def test_a_moved_study_resumes_its_retrainings(searched, retrained, tmp_path):
+    """The copied record's "source" names where the export was; after the search and retraining
+    directories move together, the same architecture from its new place resumes instead of being refused."""
+    workdir, _ = searched
+    path, run_dir, first = retrained
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    new_path = os.path.join(moved, os.path.relpath(path, workdir))
+    new_run = os.path.join(moved, os.path.relpath(run_dir, workdir))
+    again = retrain.retrain_architecture(tiny_config(), new_path, new_run)
+    assert again["test"] == first["test"] and again["steps"] == first["steps"]
+    # a fixed-ratio baseline made from the moved export is the one made before the move
+    before = baselines.fixed_ratio_export(path, str(tmp_path / "fixed"))
+    shutil.copytree(tmp_path / "fixed", moved / "fixed")
+    after = baselines.fixed_ratio_export(new_path, str(moved / "fixed"))
+    assert export.load_architecture(after)[0]["params"] == export.load_architecture(before)[0]["params"]
+    # but a different architecture in that workdir is still refused
+    other = tmp_path / "other"
+    other.mkdir()
+    with open(new_path) as f:
+        record = json.load(f)
+    shutil.copy(os.path.join(os.path.dirname(new_path), record["masks"]), other / record["masks"])
+    record["target"] = record["target"] + 1  # another record, same network
+    (other / "arch_100000.json").write_text(json.dumps(record))
+    with pytest.raises(export.ExportError, match="already retrains another architecture"):
+        retrain.retrain_architecture(tiny_config(), str(other / "arch_100000.json"), new_run)
+
+
 # ---------------------------------------------------------------------------------------------------
 # FLOPs of derived MGAS cells (hand-computed)
 

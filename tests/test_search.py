@@ -226,7 +226,7 @@ def test_exports_are_never_overwritten_and_masks_must_match(searched, tmp_path):
     # another search's content at an existing export path is refused, the file stays
     before = open(src, "rb").read()
     with pytest.raises(export.ExportError, match="never overwritten"):
-        export._write_once(src, b"{}")
+        export.write_once(src, b"{}")
     assert open(src, "rb").read() == before
     # masks of the wrong shape (or missing) do not match the network
     with np.load(d / rec["masks"]) as z:

@@ -89,6 +89,39 @@ def test_cli_run_writes_everything(tmp_path, compilation_cache):
     assert "test top1" in out.stderr
 
 
+def test_cli_keeps_compiled_programs_for_the_next_run(tmp_path):
+    """Without a JAX cache setting, the CLI caches in <workdir>/xla_cache; a second run pointed at that
+    cache (config.compilation_cache_dir) loads every program from it and compiles none."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    # JAX logs every persistent-cache hit and miss of jax._src.compiler at debug level.
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_DEBUG_LOG_MODULES="jax._src.compiler")
+    hit, miss = "Persistent compilation cache hit", "PERSISTENT COMPILATION CACHE MISS"
+
+    def cli(workdir, *overrides):
+        out = subprocess.run([sys.executable, "-m", "mgas_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+                              "--config.train.epochs=1", "--config.train.steps_per_epoch=1", *overrides],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stderr, json.loads((workdir / "results.json").read_text())
+
+    cache = tmp_path / "first" / "xla_cache"
+    log, first = cli(tmp_path / "first")
+    assert f"compiled programs cached in {cache}" in log
+    assert log.count(miss) > 0 and os.listdir(cache), "the first run compiled nothing into the cache"
+    entries = sorted(os.listdir(cache))
+    log, second = cli(tmp_path / "second", f"--config.compilation_cache_dir={cache}")
+    assert f"compiled programs cached in {cache}" in log
+    assert log.count(hit) > 0 and log.count(miss) == 0, (log.count(hit), log.count(miss))
+    assert sorted(os.listdir(cache)) == entries
+    assert not (tmp_path / "second" / "xla_cache").exists()
+    assert second["test"] == first["test"]                # and the loaded programs compute the same
+    # 'off' wins even over JAX's own setting
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "env_cache")
+    log, _ = cli(tmp_path / "third", "--config.compilation_cache_dir=off")
+    assert "compiled programs cached in None" in log and log.count(hit) == 0
+    assert not (tmp_path / "third" / "xla_cache").exists() and not (tmp_path / "env_cache").exists()
+
+
 def test_uninterrupted_run(uninterrupted):
     workdir, results = uninterrupted
     assert results["steps"] == 6 and results["epochs"] == 2
