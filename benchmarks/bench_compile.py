@@ -1,7 +1,7 @@
 """Where the XLA compile time of a search step goes, and one idea that does not cut it.
 
-Part 1 compiles pieces of the one-level search step of a full super-net (`search.make_step`'s loss and
-update, written out here so that each piece compiles alone): the forward pass, the forward and backward
+Part 1 compiles pieces of the one-level search step of a full super-net (`search.make_loss`, its
+gradient, and the update of `search.make_step`, each compiled alone): the forward pass, the forward and backward
 pass (`jax.grad`), the optimizer update (`search.make_optimizer`, every group, plus the finite check),
 and the whole step. For each: compile seconds and the number of fusions in the compiled program (each
 fusion is a kernel the backend generates code for).
@@ -62,20 +62,15 @@ def step_pieces(args) -> None:
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(args.batch, args.image, args.image, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, args.classes, (args.batch,)), jnp.int32)
-    model = supernet.SuperNet(spec)
-
-    def loss_fn(trainable, state, images, labels):
-        variables = {"params": trainable["params"], "arch": trainable["arch"], "batch_stats": state.batch_stats,
-                     "masks": state.masks}
-        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        r_op, r_thr = search.regularizers(trainable["arch"], state.masks, spec)
-        return losses.cross_entropy(logits, labels) + 1e-5 * (r_op + r_thr), updates["batch_stats"]
+    loss_fn = search.make_loss(spec)   # the step's own loss
 
     def forward(state, images, labels):
-        return loss_fn({"params": state.params, "arch": state.arch}, state, images, labels)
+        return loss_fn({"params": state.params, "arch": state.arch}, state.batch_stats, state.masks, images,
+                       labels, 1e-5)
 
     def backward(state, images, labels):
-        return jax.grad(loss_fn, has_aux=True)({"params": state.params, "arch": state.arch}, state, images, labels)
+        return jax.grad(loss_fn, has_aux=True)({"params": state.params, "arch": state.arch}, state.batch_stats,
+                                               state.masks, images, labels, 1e-5)
 
     def update(state, grads):
         trainable = {"params": state.params, "arch": state.arch}

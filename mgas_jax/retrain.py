@@ -143,18 +143,14 @@ def _copy_architecture(json_path: str, workdir: str) -> str:
     os.makedirs(workdir, exist_ok=True)
     for name, data in files.items():
         path = os.path.join(workdir, name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                old = f.read()
-            if not export.same_content(old, data):  # a moved workdir still resumes
-                raise export.ExportError(
-                    f"{workdir} already retrains another architecture ({path} differs from {json_path}); use "
-                    f"another workdir for {json_path}, or delete {workdir} to discard the old retraining")
-        elif jax.process_index() == 0:
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+        if jax.process_index() != 0 and not os.path.exists(path):
+            continue  # process 0 writes it; the others only check a copy already there
+        try:
+            export.write_once(path, data)  # a moved workdir still resumes (export.same_content)
+        except export.ExportError:
+            raise export.ExportError(
+                f"{workdir} already retrains another architecture ({path} differs from {json_path}); use "
+                f"another workdir for {json_path}, or delete {workdir} to discard the old retraining") from None
     return os.path.join(workdir, ARCH_JSON)
 
 

@@ -145,12 +145,9 @@ def regularizers(arch: dict, masks: dict, spec: supernet.SuperNetSpec) -> tuple[
     return r_op, r_thr
 
 
-def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std):
-    """The pure search step for one structure: (state, batch, key, lam, flags) -> (state, metrics).
-
-    `flags` (5,) float: 1 = update this group (GROUPS order), 0 = keep it (warm-up trains the weights
-    only; the bilevel variant alternates). A frozen group keeps its parameters and optimizer state.
-    """
+def make_loss(spec: supernet.SuperNetSpec):
+    """The search loss of one structure, CE + lam (R_op + R_thr), with the super-net in training mode:
+    (trainable {'params', 'arch'}, batch_stats, masks, images, labels, lam) -> (loss, (batch_stats, metrics))."""
     model = supernet.SuperNet(spec)
 
     def loss_fn(trainable, batch_stats, masks, images, labels, lam):
@@ -163,6 +160,17 @@ def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, dat
         acc = jnp.mean(jnp.argmax(logits, -1) == labels)
         return loss, (updates["batch_stats"], dict(loss=loss, ce=ce, r_op=r_op, r_thr=r_thr,
                                                    reg=lam * r_op, accuracy=acc))
+
+    return loss_fn
+
+
+def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std):
+    """The pure search step for one structure: (state, batch, key, lam, flags) -> (state, metrics).
+
+    `flags` (5,) float: 1 = update this group (GROUPS order), 0 = keep it (warm-up trains the weights
+    only; the bilevel variant alternates). A frozen group keeps its parameters and optimizer state.
+    """
+    loss_fn = make_loss(spec)
 
     def step(state: SearchState, batch, key, lam, flags):
         images = data_lib.augment.augment_batch(key, batch["image"], data_cfg, mean, std, train=True)
