@@ -9,14 +9,19 @@ masks on), one-level search (weights, alpha, beta and thresholds all updated), `
     python benchmarks/bench_search_step.py --stages                # memory of each stage's sub-net step
     python benchmarks/bench_search_step.py --sweep                 # time and memory vs batch, C, cells
     python benchmarks/bench_search_step.py --cache-dir=/tmp/c      # ours twice: compiling, then from the cache
+    python benchmarks/bench_search_step.py --programs cell --remat # the step as per-cell programs, remat
 
 Ours is `search.make_step` (the jit-compiled step the search runs), measured in a fresh subprocess
 per configuration so that each side's peak RSS is its own. It reports the trace (lower) and XLA
 compile times, the mean ms per step over `--steps` steps after `--warmup` steps (each waited for
 with block_until_ready), images/s, peak RSS, XLA's buffer assignment for the step (arguments,
 outputs and temporaries: the step's own memory, without the compiler's) and, on an accelerator, the
-device's peak bytes in use. The reference is ../shared/bench/torch_reference.py (beside the repository),
-run as a subprocess on the same device kind; its line is printed as it comes. `ratio` is reference
+device's peak bytes in use; on Linux also `run_rss_mb`, the highest RSS while the timed steps run (the
+memory of running the step, without the compiler's peak). `--programs cell` measures the step as a chain
+of per-cell programs (`search.make_step(..., programs='cell')`); its compile_s is the first step's time
+less one step's run (tracing included), and it has no single buffer assignment (no xla_step_mb).
+The reference is ../shared/bench/torch_reference.py (beside the repository), run as a subprocess on
+the same device kind; its line is printed as it comes. `ratio` is reference
 ms / ours ms: > 1 means ours is faster; the memory ratio is reference peak / ours (> 1: ours smaller).
 
 Timings on a shared CPU are noisy: compare the two sides of one run, not runs of different days.
@@ -80,39 +85,80 @@ def measure_ours(args, stage: int | None = None) -> dict:
     batch = {"image": jnp.asarray(rng.integers(0, 256, (args.batch, args.image, args.image, 3), dtype=np.uint8)),
              "label": jnp.asarray(rng.integers(0, args.classes, (args.batch,), dtype=np.int32))}
     lam, flags = jnp.float32(1e-5), jnp.ones((5,), jnp.float32)
-    step = search.make_step(spec, tx, data_cfg, jnp.asarray(CIFAR_MEAN), jnp.asarray(CIFAR_STD))
+    step = search.make_step(spec, tx, data_cfg, jnp.asarray(CIFAR_MEAN), jnp.asarray(CIFAR_STD),
+                            programs=args.programs)
 
-    t0 = time.perf_counter()
-    lowered = step.lower(state, batch, key, lam, flags)
-    trace_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
     xla_mb = None
-    if mem is not None:
-        xla_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                  - mem.alias_size_in_bytes) / 2**20
+    if args.programs == "step":
+        t0 = time.perf_counter()
+        lowered = step.lower(state, batch, key, lam, flags)
+        trace_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled = step = lowered.compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            xla_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                      - mem.alias_size_in_bytes) / 2**20
+    else:
+        # a chain of programs compiled as the first step meets them: time that step whole (trace,
+        # compile and one run; the run is subtracted below, once a step's time is known). It is the
+        # first warm-up step, so both forms run the same steps on the same keys.
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch, jax.random.fold_in(key, 0), lam, flags)
+        jax.block_until_ready((state, metrics))
+        first_s, trace_s = time.perf_counter() - t0, None
 
-    def run(n, state):
-        for i in range(n):
-            state, metrics = compiled(state, batch, jax.random.fold_in(key, i), lam, flags)
+    def run(n, state, first=0):
+        metrics = None
+        for i in range(first, n):
+            state, metrics = step(state, batch, jax.random.fold_in(key, i), lam, flags)
         jax.block_until_ready((state, metrics))
         return state, metrics
 
-    state, metrics = run(args.warmup, state)
+    state, metrics = run(args.warmup, state, first=0 if args.programs == "step" else 1)
     t0 = time.perf_counter()
-    state, metrics = run(args.steps, state)
+    with _RssSampler() as sampler:
+        state, metrics = run(args.steps, state)
     dt = (time.perf_counter() - t0) / args.steps
+    if args.programs != "step":
+        compile_s = first_s - dt
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    return dict(device=device.platform, impl=kernels.resolve_impl(args.impl), stage=stage,
+    return dict(device=device.platform, impl=kernels.resolve_impl(args.impl), programs=args.programs, stage=stage,
                 cells=len(spec.cells), head=spec.head, params=int(n_params), init_s=init_s, trace_s=trace_s,
                 compile_s=compile_s, ms_per_step=dt * 1e3, images_per_s=args.batch / dt,
-                peak_rss_mb=_peak_rss_mb(), xla_mb=xla_mb,
+                peak_rss_mb=_peak_rss_mb(), run_rss_mb=sampler.peak_mb, xla_mb=xla_mb,
                 peak_device_mb=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
                 loss=float(metrics["loss"]), finite=float(metrics["finite"]))
+
+
+class _RssSampler:
+    """Highest resident set size seen while timed steps run (every 20 ms): the memory of running the
+    step, without the compiler's peak that `_peak_rss_mb` includes."""
+
+    def __enter__(self):
+        import threading
+        self.peak_mb, self._stop, self._thread = None, threading.Event(), None
+        if os.path.exists("/proc/self/status"):   # Linux; elsewhere the figure is left out
+            self.peak_mb = 0.0
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while True:
+            with open("/proc/self/status") as f:
+                kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            self.peak_mb = max(self.peak_mb, kb / 1024)
+            if self._stop.wait(0.02):
+                return
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _peak_rss_mb() -> float:
@@ -127,7 +173,8 @@ def _flags(args, **override) -> list[str]:
     a = dict(vars(args), **override)
     out = [f"--batch={a['batch']}", f"--channels={a['channels']}", f"--layers={a['layers']}",
            f"--image={a['image']}", f"--classes={a['classes']}", f"--steps={a['steps']}",
-           f"--warmup={a['warmup']}", f"--impl={a['impl']}", f"--dtype={a['dtype']}"]
+           f"--warmup={a['warmup']}", f"--impl={a['impl']}", f"--dtype={a['dtype']}",
+           f"--programs={a['programs']}"]
     return out + (["--remat"] if a["remat"] else [])
 
 
@@ -174,9 +221,12 @@ def run_reference(args, device: str, **override) -> dict:
 def _ours_line(o: dict) -> str:
     dev = f" peak_device_mb={o['peak_device_mb']:.0f}" if o.get("peak_device_mb") is not None else ""
     xla = f" xla_step_mb={o['xla_mb']:.0f}" if o.get("xla_mb") is not None else ""
-    return (f"mgas-jax device={o['device']} impl={o['impl']} ms_per_step={o['ms_per_step']:.0f} "
-            f"images_per_s={o['images_per_s']:.2f} trace_s={o['trace_s']:.1f} compile_s={o['compile_s']:.1f} "
-            f"peak_rss_mb={o['peak_rss_mb']:.0f}{xla}{dev} params={o['params']} loss={o['loss']:.4f}")
+    trace = f" trace_s={o['trace_s']:.1f}" if o.get("trace_s") is not None else ""
+    run = f" run_rss_mb={o['run_rss_mb']:.0f}" if o.get("run_rss_mb") is not None else ""
+    return (f"mgas-jax device={o['device']} impl={o['impl']} programs={o['programs']} "
+            f"ms_per_step={o['ms_per_step']:.0f} images_per_s={o['images_per_s']:.2f}{trace} "
+            f"compile_s={o['compile_s']:.1f} "
+            f"peak_rss_mb={o['peak_rss_mb']:.0f}{run}{xla}{dev} params={o['params']} loss={o['loss']:.4f}")
 
 
 def _device_kind() -> str:
@@ -222,6 +272,11 @@ def _cache_entries(directory) -> int:
     return len(os.listdir(directory)) if directory and os.path.isdir(directory) else 0
 
 
+def _mb(value) -> str:
+    # the per-cell step is many programs, with no single buffer assignment to report
+    return f"{'-':>7}" if value is None else f"{value:7.0f}"
+
+
 def stages(args) -> None:
     """Peak memory of each stage's sub-net step against the whole super-net's."""
     print(f"stage memory: batch {args.batch}, C {args.channels}, {args.layers} cells, {args.image}x{args.image}"
@@ -235,7 +290,7 @@ def stages(args) -> None:
         dev = f"{o['peak_device_mb']:9.0f}" if o.get("peak_device_mb") is not None else f"{'-':>9}"
         rel = o["xla_mb"] / full["xla_mb"] if o.get("xla_mb") and full.get("xla_mb") else float("nan")
         print(f"{name:>10} {o['cells']:>5} {o['head']:>10} {o['params']:>9} {o['ms_per_step']:8.0f} "
-              f"{o['compile_s']:9.1f} {o['peak_rss_mb']:7.0f} {o['xla_mb']:7.0f} {dev} {rel:8.2f}", flush=True)
+              f"{o['compile_s']:9.1f} {o['peak_rss_mb']:7.0f} {_mb(o['xla_mb'])} {dev} {rel:8.2f}", flush=True)
 
 
 SWEEP_BASE = dict(batch=8, channels=8, layers=1, image=16)
@@ -263,7 +318,7 @@ def sweep(args) -> None:
             ref_rss = f"{r['peak_rss_mb']:7.0f}" if r else f"{'-':>7}"
             dev = f"{o['peak_device_mb']:9.0f}" if o.get("peak_device_mb") is not None else f"{'-':>9}"
             print(f"{knob:>8} {value:>5} {o['ms_per_step']:8.0f} {ref_ms} {ratio} {o['compile_s']:9.1f} "
-                  f"{o['peak_rss_mb']:7.0f} {ref_rss} {o['xla_mb']:7.0f} {dev}", flush=True)
+                  f"{o['peak_rss_mb']:7.0f} {ref_rss} {_mb(o['xla_mb'])} {dev}", flush=True)
 
 
 def main(argv=None):
@@ -278,6 +333,9 @@ def main(argv=None):
     p.add_argument("--impl", default="auto", help="depthwise conv formulation (mgas_jax.kernels.IMPLS)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--remat", action="store_true", help="rematerialise each cell in the backward pass")
+    p.add_argument("--programs", default="step", choices=("step", "cell"),
+                   help="our step as one XLA program, or as a chain of per-cell programs (compile_s is then "
+                        "the first step's time less a step's run: tracing included)")
     p.add_argument("--stages", action="store_true", help="peak memory of each stage's sub-net step")
     p.add_argument("--sweep", action="store_true", help="time and memory against batch, channels and cells")
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")

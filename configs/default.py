@@ -120,6 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
     search.impl = "auto"           # depthwise conv: auto (shift on CPU, lax elsewhere) | lax | shift
     search.remat = False           # rematerialise cells in the backward pass (less memory, more compute)
     search.dtype = "float32"       # compute dtype: float32 | bfloat16 (parameters stay float32)
+    search.programs = "cell"       # the step as per-cell programs (a structure change recompiles only the
+                                   # cells that changed; with remat: a fraction of the memory) | "step": one program
     search.keep_checkpoints = 3    # checkpoints are written at the end of every epoch
     search.progress = True         # tqdm bar per epoch
     search.nan_policy = "stop"     # or "rollback": last checkpoint, every group's lr x rollback_lr_factor

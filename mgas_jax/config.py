@@ -259,6 +259,9 @@ SCHEMA["search"] = {
     "impl": Field(str, one_of(*IMPLS), "depthwise conv formulation"),
     "remat": Field(bool, None, "rematerialise cells in the backward pass"),
     "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)"),
+    # the same computation either way (up to the order of float additions), so not in the config hash
+    "programs": Field(str, one_of("step", "cell"), "the search step as one XLA program or a chain of "
+                                                    "per-cell programs (search.make_step)", semantic=False),
     "keep_checkpoints": Field(int, positive, "search checkpoints kept", semantic=False),
     "progress": Field(bool, None, "tqdm bar per epoch", semantic=False),
     **_nan_policy_fields("every group's learning rate"),

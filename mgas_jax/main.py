@@ -29,7 +29,10 @@ def main(argv):
     config_lib.validate(config)
     logging.info("mode=%s workdir=%s config hash=%s", config.mode, FLAGS.workdir, config_lib.config_hash(config))
     cache = modes.setup_compilation_cache(config, FLAGS.workdir)
-    logging.info("compiled programs cached in %s", cache)
+    if cache:
+        logging.info("compiled programs cached in %s", cache)
+    else:
+        logging.info("compilation cache off")
     modes.run(config, FLAGS.workdir)
 
 

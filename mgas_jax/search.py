@@ -19,6 +19,7 @@ the run, so an interrupted search resumes and ends with the same architecture.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -164,12 +165,40 @@ def make_loss(spec: supernet.SuperNetSpec):
     return loss_fn
 
 
-def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std):
+def _apply_grads(tx, state: SearchState, grads, batch_stats, metrics: dict, flags) -> tuple[SearchState, dict]:
+    """The update half of a search step: optimizer update of the flagged groups, non-finite flag."""
+    trainable = {"params": state.params, "arch": state.arch}
+    finite = losses.all_finite(grads)
+    labels = param_labels(trainable)
+    flag = {g: flags[i] for i, g in enumerate(GROUPS)}
+    updates, new_opt = tx.update(grads, state.opt_state, trainable)
+    updates = jax.tree.map(lambda u, l: u * flag[l], updates, labels)
+    new_inner = {g: jax.tree.map(lambda n, o, f=flag[g]: jnp.where(f > 0, n, o),
+                                 new_opt.inner_states[g], state.opt_state.inner_states[g])
+                 for g in GROUPS}
+    new_opt = new_opt._replace(inner_states=new_inner)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = dict(metrics, finite=(finite & jnp.isfinite(metrics["loss"])).astype(jnp.float32))
+    new = state.replace(step=state.step + 1, params=trainable["params"], arch=trainable["arch"],
+                        batch_stats=batch_stats, opt_state=new_opt)
+    return new, metrics
+
+
+def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std,
+              programs: str = "step"):
     """The pure search step for one structure: (state, batch, key, lam, flags) -> (state, metrics).
 
     `flags` (5,) float: 1 = update this group (GROUPS order), 0 = keep it (warm-up trains the weights
     only; the bilevel variant alternates). A frozen group keeps its parameters and optimizer state.
+
+    `programs`: 'step' compiles the whole step as one XLA program; 'cell' runs it as a chain of
+    programs, one forward and one backward per cell (`make_cell_step`): the same values, compiled in
+    less time, and a cell whose structure and shapes are unchanged is never compiled twice.
     """
+    if programs == "cell":
+        return make_cell_step(spec, tx, data_cfg, mean, std)
+    if programs != "step":
+        raise ValueError(f"unknown step programs {programs!r}; choose 'step' (one program) or 'cell' (per cell)")
     loss_fn = make_loss(spec)
 
     def step(state: SearchState, batch, key, lam, flags):
@@ -177,22 +206,128 @@ def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, dat
         trainable = {"params": state.params, "arch": state.arch}
         grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
             trainable, state.batch_stats, state.masks, images, batch["label"], lam)
-        finite = losses.all_finite(grads)
-        labels = param_labels(trainable)
-        flag = {g: flags[i] for i, g in enumerate(GROUPS)}
-        updates, new_opt = tx.update(grads, state.opt_state, trainable)
-        updates = jax.tree.map(lambda u, l: u * flag[l], updates, labels)
-        new_inner = {g: jax.tree.map(lambda n, o, f=flag[g]: jnp.where(f > 0, n, o),
-                                     new_opt.inner_states[g], state.opt_state.inner_states[g])
-                     for g in GROUPS}
-        new_opt = new_opt._replace(inner_states=new_inner)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics["finite"] = (finite & jnp.isfinite(metrics["loss"])).astype(jnp.float32)
-        new = state.replace(step=state.step + 1, params=trainable["params"], arch=trainable["arch"],
-                            batch_stats=batch_stats, opt_state=new_opt)
-        return new, metrics
+        return _apply_grads(tx, state, grads, batch_stats, metrics, flags)
 
     return jax.jit(step, donate_argnums=0)
+
+
+# -- the step as a chain of per-cell programs ----------------------------------------------------
+
+def _pick(tree: dict, names) -> dict:
+    return {k: tree[k] for k in names if k in tree}
+
+
+@functools.lru_cache(maxsize=256)
+def _cell_programs(cell: supernet.SuperCell, remat: bool):
+    """(forward, backward) programs of one cell module; shared by every cell and spec with the same
+    module, so jit's cache compiles each (module, shapes) pair once per process."""
+
+    def apply(variables, params, arch, s0, s1):
+        out, updates = cell.apply(dict(variables, params=params, arch=arch), s0, s1, train=True,
+                                  mutable=["batch_stats"])
+        return out, updates["batch_stats"]
+
+    def linearize(variables, params, arch, s0, s1):
+        # -> (output, vjp: a pytree of the residuals, batch stats)
+        return jax.vjp(functools.partial(apply, variables), params, arch, s0, s1, has_aux=True)
+
+    if not remat:
+        return jax.jit(linearize), jax.jit(_pull_back)
+
+    apply_jit = jax.jit(apply)
+
+    def forward(variables, params, arch, s0, s1):
+        out, stats = apply_jit(variables, params, arch, s0, s1)
+        return out, (variables, params, arch, s0, s1), stats   # the inputs are the residuals
+
+    def backward(inputs, g):
+        _, vjp, _ = linearize(*inputs)
+        return vjp(g)
+
+    return forward, jax.jit(backward)
+
+
+def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std):
+    """`make_step` as a chain of small programs: stem, each cell forward (keeping its residuals), head
+    and loss, each cell backward, stem backward, then the update. Same arguments, same results (up to
+    float reassociation) as the one-program step.
+
+    Why: the whole super-net step is one huge XLA program, whose compile time grows faster than its
+    size and which any change of structure recompiles whole. Cell programs are keyed by the cell's own
+    structure and shapes, so after a commit only the cells that changed compile again (and cells of
+    identical structure and shapes share one program). Without remat the residuals leaving each cell
+    are all materialised (no less memory than the one program); with `spec.remat` a cell keeps only its
+    inputs and its backward program recomputes the forward, so no program holds more than one cell's
+    activations (benchmarks/README.md, section 7).
+    """
+    n = len(spec.cells)
+    names = [f"cell_{i}" for i in range(n)]
+    programs = [_cell_programs(supernet.cell_module(spec, i), spec.remat) for i in range(n)]
+    stem, head = supernet.SuperStem(spec.stem_channels), supernet.SuperHead(spec)
+    stem_names, head_names = ("stem", "stem_bn"), (supernet.head_name(spec),)
+
+    @jax.jit
+    def stem_forward(params, batch_stats, image, key):
+        images = data_lib.augment.augment_batch(key, image, data_cfg, mean, std, train=True)
+
+        def apply(p):
+            x, updates = stem.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
+                                    mutable=["batch_stats"])
+            return x, updates["batch_stats"]
+        return jax.vjp(apply, params, has_aux=True)
+
+    stem_backward = jax.jit(_pull_back)
+
+    @jax.jit
+    def head_loss(params, batch_stats, x, labels):
+        def ce(p, x):
+            logits, updates = head.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                         mutable=["batch_stats"])
+            return losses.cross_entropy(logits, labels), (logits, updates.get("batch_stats", {}))
+        (value, (logits, stats)), grads = jax.value_and_grad(ce, argnums=(0, 1), has_aux=True)(params, x)
+        return value, jnp.mean(jnp.argmax(logits, -1) == labels), stats, grads
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def update(state, grads, batch_stats, ce, accuracy, lam, flags):
+        def reg(arch):
+            r_op, r_thr = regularizers(arch, state.masks, spec)
+            return lam * (r_op + r_thr), (r_op, r_thr)
+        (penalty, (r_op, r_thr)), reg_grads = jax.value_and_grad(reg, has_aux=True)(state.arch)
+        grads = dict(grads, arch=jax.tree.map(jnp.add, grads["arch"], reg_grads))
+        metrics = dict(loss=ce + penalty, ce=ce, r_op=r_op, r_thr=r_thr, reg=lam * r_op, accuracy=accuracy)
+        return _apply_grads(tx, state, grads, batch_stats, metrics, flags)
+
+    def step(state: SearchState, batch, key, lam, flags):
+        params, bs = state.params, state.batch_stats
+        x, stem_vjp, stem_stats = stem_forward(_pick(params, stem_names), _pick(bs, stem_names),
+                                               batch["image"], key)
+        outs, residuals, stats = [x, x], [], dict(stem_stats)
+        for i, name in enumerate(names):
+            variables = {"batch_stats": bs[name], "masks": state.masks[name]}
+            out, res, stats[name] = programs[i][0](variables, params[name], state.arch[name], outs[i], outs[i + 1])
+            outs.append(out)
+            residuals.append(res)
+        ce, accuracy, head_stats, (g_head, g_out) = head_loss(
+            _pick(params, head_names), _pick(bs, head_names), outs[-1], batch["label"])
+        stats.update(head_stats)
+        g_params, g_arch = dict(g_head), {}
+        g_outs = [None] * (n + 2)   # gradient w.r.t. outs[j]
+        g_outs[-1] = g_out
+        del outs
+        for i in reversed(range(n)):
+            g_params[names[i]], g_arch[names[i]], g0, g1 = programs[i][1](residuals[i], g_outs[i + 2])
+            residuals[i] = g_outs[i + 2] = None   # free the cell's residuals as soon as they are used
+            g_outs[i] = g0 if g_outs[i] is None else g_outs[i] + g0
+            g_outs[i + 1] = g1 if g_outs[i + 1] is None else g_outs[i + 1] + g1
+        (g_stem,) = stem_backward(stem_vjp, g_outs[0] + g_outs[1])
+        g_params.update(g_stem)
+        return update(state, {"params": g_params, "arch": g_arch}, stats, ce, accuracy, lam, flags)
+
+    return step
+
+
+def _pull_back(vjp, g):
+    return vjp(g)
 
 
 def make_eval_step(spec: supernet.SuperNetSpec, mean, std):
@@ -304,9 +439,9 @@ class Searcher:
         return parallel.replicate(new, self.mesh)
 
     def step_fn(self, spec):
-        """The compiled step of a structure (one compilation per structure, cached)."""
+        """The step of a structure, cached (search.programs = 'cell': compiles only the cells that are new)."""
         if spec not in self._steps:
-            self._steps[spec] = make_step(spec, self.tx, self.data_cfg, self.mean, self.std)
+            self._steps[spec] = make_step(spec, self.tx, self.data_cfg, self.mean, self.std, self.cfg.programs)
         return self._steps[spec]
 
     # -- one epoch ------------------------------------------------------------------------------
@@ -506,8 +641,8 @@ def search(config, workdir: str) -> dict:
     s.writer.close()
     summary = export_lib.export_targets(os.path.join(workdir, "records"), progress.records,
                                         list(config.export.targets), os.path.join(workdir, "export"))
-    result = dict(summary=summary, epochs=progress.epoch, compiles=progress.compiles, log=progress.log,
-                  records=progress.records)
+    result = dict(summary=summary, epochs=progress.epoch, compiles=progress.compiles,
+                  compile_seconds=round(progress.compile_seconds, 1), log=progress.log, records=progress.records)
     export_lib.write_json(os.path.join(workdir, "search_result.json"), result)
     return result
 

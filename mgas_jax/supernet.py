@@ -171,6 +171,48 @@ class StageHead(nn.Module):
         return nn.Dense(self.num_classes, name="linear")(x.reshape(x.shape[0], -1))
 
 
+def _stem(x, channels: int, train: bool):
+    # called inside a compact method: the variables are the caller's 'stem' and 'stem_bn'
+    x = nn.Conv(channels, (3, 3), padding=1, use_bias=False, kernel_init=ops.conv_init, name="stem")(x)
+    return ops.batch_norm(train, True, name="stem_bn")(x)
+
+
+def _head(x, spec: SuperNetSpec, train: bool):
+    x = x.astype(jnp.float32)
+    if spec.head == "stage":
+        return StageHead(spec.num_classes, name=head_name(spec))(x, train)
+    return nn.Dense(spec.num_classes, name=head_name(spec))(jnp.mean(x, axis=(1, 2)))
+
+
+def head_name(spec: SuperNetSpec) -> str:
+    """Variable name of the spec's head: 'classifier', or 'head_<cells>' for a stage head."""
+    return f"head_{len(spec.cells)}" if spec.head == "stage" else "classifier"
+
+
+def cell_module(spec: SuperNetSpec, i: int) -> SuperCell:
+    """Cell i of the spec as a module of its own; its variables are SuperNet's `cell_{i}` subtrees."""
+    reduction_prev = i > 0 and spec.cells[i - 1].reduction
+    return SuperCell(spec.cells[i], reduction_prev, spec.impl, spec.dtype, spec.filter_level, spec.weight_level)
+
+
+class SuperStem(nn.Module):
+    """SuperNet's stem alone (variables 'stem', 'stem_bn', as in SuperNet): for per-cell programs."""
+    channels: int
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return _stem(x, self.channels, train)
+
+
+class SuperHead(nn.Module):
+    """SuperNet's head alone (variables named by `head_name`): for per-cell programs."""
+    spec: SuperNetSpec
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return _head(x, self.spec, train)
+
+
 class SuperNet(nn.Module):
     """Stem, the spec's cells, and the head of the current stage. `__call__(x, train) -> logits`."""
     spec: SuperNetSpec
@@ -178,8 +220,7 @@ class SuperNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         spec = self.spec
-        x = nn.Conv(spec.stem_channels, (3, 3), padding=1, use_bias=False, kernel_init=ops.conv_init, name="stem")(x)
-        x = ops.batch_norm(train, True, name="stem_bn")(x)
+        x = _stem(x, spec.stem_channels, train)
         cell_cls = nn.remat(SuperCell, static_argnums=(3,)) if spec.remat else SuperCell
         s0 = s1 = x
         reduction_prev = False
@@ -188,10 +229,7 @@ class SuperNet(nn.Module):
                            name=f"cell_{i}")(s0, s1, train)
             s0, s1 = s1, out
             reduction_prev = cell.reduction
-        s1 = s1.astype(jnp.float32)
-        if spec.head == "stage":
-            return StageHead(spec.num_classes, name=f"head_{len(spec.cells)}")(s1, train)
-        return nn.Dense(spec.num_classes, name="classifier")(jnp.mean(s1, axis=(1, 2)))
+        return _head(s1, spec, train)
 
 
 def init_variables(spec: SuperNetSpec, key: jax.Array, input_shape: tuple) -> dict:

@@ -115,6 +115,7 @@ def test_int_is_a_float():
     ("data.train_fraction", 0.0, "must lie in (0, 1]"),
     ("train.lr", float("nan"), "must be a finite number"),
     ("model.layers", 2, "must be >= 3"),   # two reductions (L//3, 2L//3) need three cells
+    ("search.programs", "cells", "must be one of 'step', 'cell' (did you mean 'cell'?)"),
 ])
 def test_impossible_values(dotted, value, fragment):
     assert_error(with_value(dotted, value), f"{dotted} = ", fragment)
@@ -185,7 +186,7 @@ def test_extension_op_lists_and_targets(monkeypatch):
 def test_config_hash_ignores_non_semantic_keys():
     base = config_lib.config_hash(default())
     for dotted, value in [("train.progress", False), ("train.log_every_steps", 7), ("train.keep_checkpoints", 5),
-                          ("mode", "search"), ("data.data_dir", "/elsewhere")]:
+                          ("mode", "search"), ("data.data_dir", "/elsewhere"), ("search.programs", "cell")]:
         assert config_lib.config_hash(with_value(dotted, value)) == base, dotted
     for dotted, value in [("train.lr", 0.1), ("seed", 1), ("model.layers", 8), ("data.cutout", 0)]:
         assert config_lib.config_hash(with_value(dotted, value)) != base, dotted

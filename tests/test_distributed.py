@@ -56,7 +56,7 @@ WORKER = textwrap.dedent("""
                                               opt_state=tx.init(trainable)))
     mesh = parallel.make_mesh()
     state = parallel.replicate(start, mesh)
-    step = search.make_step(spec, tx, data_cfg, jnp.asarray(ds.mean), jnp.asarray(ds.std))
+    step = search.make_step(spec, tx, data_cfg, jnp.asarray(ds.mean), jnp.asarray(ds.std), programs=cfg.programs)
     local_sizes, losses = [], []
     for i, batch in enumerate(ds.train.batches(cfg.batch_size, epoch=0, seed=0, shuffle=True, drop_remainder=True)):
         if i == 3:

@@ -64,7 +64,7 @@ STEPS = textwrap.dedent("""
     runs = {}
     for n in (1, 8):
         mesh = parallel.make_mesh(jax.devices()[:n])
-        step = search.make_step(spec, tx, data_cfg, mean, std)
+        step = search.make_step(spec, tx, data_cfg, mean, std, programs=cfg.programs)
         state = parallel.replicate(start, mesh)
         losses = []
         for i, batch in enumerate(batches):

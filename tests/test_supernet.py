@@ -1,4 +1,8 @@
 """The super-net's variables and the search step's per-group freezing (warm-up, bilevel)."""
+import dataclasses
+import logging
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -100,3 +104,88 @@ def test_records_of_both_search_kinds_have_a_mask_for_every_kernel(weight_level)
     assert kernels and all(np.all(np.asarray(flat[p]) == 1) for p in kernels)  # nothing pruned yet
     assert rec["params"]["nonzero"] == rec["params"]["dense"] > 0
     export.check_masks(export._network_shapes(rec)["masks"], flat, where="the test record")
+
+
+def _state(tx, v):
+    v = jax.tree.map(jnp.array, v)  # the step donates its state: a fresh copy each time
+    trainable = {"params": v["params"], "arch": v["arch"]}
+    return search.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
+                              batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
+
+
+def _run_steps(spec, v, programs, flag_rows):
+    tx = search.make_optimizer(_cfg())
+    data_cfg = ml_collections.ConfigDict(dict(crop_padding=1, flip=True, cutout=0, autoaugment=False))
+    step = search.make_step(spec, tx, data_cfg, jnp.full(3, 100.0), jnp.full(3, 60.0), programs=programs)
+    state, rng, out = _state(tx, v), np.random.default_rng(0), []
+    for i, flags in enumerate(flag_rows):
+        batch = {"image": rng.integers(0, 255, (8, 8, 8, 3), dtype=np.uint8),
+                 "label": rng.integers(0, 10, 8).astype(np.int32)}
+        state, metrics = step(state, batch, jax.random.key(i), jnp.float32(0.05), jnp.asarray(flags, jnp.float32))
+        out.append(jax.device_get(metrics))
+    return jax.device_get(state), out
+
+
+def _assert_close(a, b, rtol):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        scale = max(np.max(np.abs(y)), 1e-3)
+        assert np.max(np.abs(x - y)) <= rtol * scale, (jax.tree_util.keystr(path), np.max(np.abs(x - y)), scale)
+
+
+@pytest.mark.parametrize("remat,head", [(False, "classifier"), (True, "stage")])
+def test_per_cell_programs_give_the_one_program_step(remat, head):
+    """The step as a chain of per-cell programs (forward with residuals, backward) computes what the
+    one-program step computes: same metrics, and after 3 steps (one with the arch groups frozen) the
+    same parameters, batch statistics and optimizer state, up to float reassociation."""
+    spec = supernet.SuperNetSpec(supernet.full_cells(C, LAYERS, STEPS), num_classes=10, stem_channels=3 * C,
+                                 head=head, impl="lax", remat=remat)
+    v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
+    flag_rows = [(1, 0, 0, 0, 0), (1, 1, 1, 1, 1), (1, 1, 1, 1, 1)]
+    one, one_metrics = _run_steps(spec, v, "step", flag_rows)
+    cell, cell_metrics = _run_steps(spec, v, "cell", flag_rows)
+    assert jax.tree.structure(one) == jax.tree.structure(cell)
+    for m1, m2 in zip(one_metrics, cell_metrics):
+        assert m1.keys() == m2.keys() and m1["finite"] == m2["finite"] == 1.0
+        for k in m1:
+            np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    assert int(cell.step) == 3
+    _assert_close(cell.params, one.params, 1e-4)
+    _assert_close(cell.arch, one.arch, 1e-4)
+    _assert_close(cell.batch_stats, one.batch_stats, 1e-4)
+    _assert_close(cell.opt_state, one.opt_state, 1e-4)
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(cell.arch), jax.tree.leaves(v["arch"])))
+
+
+def _compiled_programs(caplog, fn) -> list[str]:
+    """Names of the programs XLA compiles while fn() runs (from JAX's compile log)."""
+    caplog.clear()
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            fn()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return re.findall(r"Finished XLA compilation of jit\((\w+)\)", caplog.text)
+
+
+def test_per_cell_programs_compile_an_unchanged_cell_once(caplog):
+    """After a structural change in one cell, the per-cell step of the new structure compiles that
+    cell's forward and backward only: the unchanged cell's programs are found already compiled."""
+    cells = supernet.full_cells(C, 2, STEPS)
+    spec = supernet.SuperNetSpec(cells, num_classes=10, stem_channels=3 * C, impl="lax")
+    last = cells[1]
+    pruned = dataclasses.replace(last, ops=tuple(o for o in last.ops if o.op != "sep_conv_5x5"))
+    spec2 = dataclasses.replace(spec, cells=(cells[0], pruned))
+    v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
+    v2 = supernet.init_variables(spec2, jax.random.key(0, impl="rbg"), (8, 8, 3))
+    first = _compiled_programs(caplog, lambda: _run_steps(spec, v, "cell", [(1, 1, 1, 1, 1)] * 2))
+    assert first.count("linearize") == 2 and first.count("_pull_back") == 3, first  # 2 cells (+ the stem's backward)
+    second = _compiled_programs(caplog, lambda: _run_steps(spec2, v2, "cell", [(1, 1, 1, 1, 1)]))
+    assert second.count("linearize") == 1 and second.count("_pull_back") == 2, second  # only cell 1 is new
+
+
+def test_unknown_step_programs_are_refused():
+    spec = supernet.SuperNetSpec(supernet.full_cells(C, 1, STEPS), num_classes=10, stem_channels=3 * C)
+    with pytest.raises(ValueError, match="unknown step programs 'cells'.*'step'.*'cell'"):
+        search.make_step(spec, search.make_optimizer(_cfg()), None, None, None, programs="cells")
