@@ -264,7 +264,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
     names = [f"cell_{i}" for i in range(n)]
     programs = [_cell_programs(supernet.cell_module(spec, i), spec.remat) for i in range(n)]
     stem, head = supernet.SuperStem(spec.stem_channels), supernet.SuperHead(spec)
-    stem_names, head_names = ("stem", "stem_bn"), (supernet.head_name(spec),)
+    stem_names, head_names = supernet.STEM_NAMES, (supernet.head_name(spec),)
 
     @jax.jit
     def stem_forward(params, batch_stats, image, key):

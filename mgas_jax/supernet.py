@@ -171,10 +171,14 @@ class StageHead(nn.Module):
         return nn.Dense(self.num_classes, name="linear")(x.reshape(x.shape[0], -1))
 
 
+STEM_NAMES = ("stem", "stem_bn")   # the stem's variables, at the top of every collection
+
+
 def _stem(x, channels: int, train: bool):
-    # called inside a compact method: the variables are the caller's 'stem' and 'stem_bn'
-    x = nn.Conv(channels, (3, 3), padding=1, use_bias=False, kernel_init=ops.conv_init, name="stem")(x)
-    return ops.batch_norm(train, True, name="stem_bn")(x)
+    # called inside a compact method: the variables are the caller's
+    conv, bn = STEM_NAMES
+    x = nn.Conv(channels, (3, 3), padding=1, use_bias=False, kernel_init=ops.conv_init, name=conv)(x)
+    return ops.batch_norm(train, True, name=bn)(x)
 
 
 def _head(x, spec: SuperNetSpec, train: bool):
@@ -189,10 +193,14 @@ def head_name(spec: SuperNetSpec) -> str:
     return f"head_{len(spec.cells)}" if spec.head == "stage" else "classifier"
 
 
+def _cell_fields(spec: SuperNetSpec, i: int) -> tuple:
+    reduction_prev = i > 0 and spec.cells[i - 1].reduction
+    return spec.cells[i], reduction_prev, spec.impl, spec.dtype, spec.filter_level, spec.weight_level
+
+
 def cell_module(spec: SuperNetSpec, i: int) -> SuperCell:
     """Cell i of the spec as a module of its own; its variables are SuperNet's `cell_{i}` subtrees."""
-    reduction_prev = i > 0 and spec.cells[i - 1].reduction
-    return SuperCell(spec.cells[i], reduction_prev, spec.impl, spec.dtype, spec.filter_level, spec.weight_level)
+    return SuperCell(*_cell_fields(spec, i))
 
 
 class SuperStem(nn.Module):
@@ -223,12 +231,8 @@ class SuperNet(nn.Module):
         x = _stem(x, spec.stem_channels, train)
         cell_cls = nn.remat(SuperCell, static_argnums=(3,)) if spec.remat else SuperCell
         s0 = s1 = x
-        reduction_prev = False
-        for i, cell in enumerate(spec.cells):
-            out = cell_cls(cell, reduction_prev, spec.impl, spec.dtype, spec.filter_level, spec.weight_level,
-                           name=f"cell_{i}")(s0, s1, train)
-            s0, s1 = s1, out
-            reduction_prev = cell.reduction
+        for i in range(len(spec.cells)):
+            s0, s1 = s1, cell_cls(*_cell_fields(spec, i), name=f"cell_{i}")(s0, s1, train)
         return _head(s1, spec, train)
 
 
