@@ -181,7 +181,7 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     # One cache for the whole study: a rerun or a resumed study loads its programs instead of compiling,
     # and the searches of every seed start from the same super-net structure.
-    logging.info("compiled programs cached in %s", modes.setup_compilation_cache(config, out))
+    modes.setup_compilation_cache(config, out)
     runs, missing = [], []
     for seed in [int(s) for s in FLAGS.seeds]:
         r, m = run_seed(config, seed, out, methods)

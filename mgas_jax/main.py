@@ -28,11 +28,7 @@ def main(argv):
     # Before any compute: a typo in a key should cost seconds, not an epoch.
     config_lib.validate(config)
     logging.info("mode=%s workdir=%s config hash=%s", config.mode, FLAGS.workdir, config_lib.config_hash(config))
-    cache = modes.setup_compilation_cache(config, FLAGS.workdir)
-    if cache:
-        logging.info("compiled programs cached in %s", cache)
-    else:
-        logging.info("compilation cache off")
+    modes.setup_compilation_cache(config, FLAGS.workdir)
     modes.run(config, FLAGS.workdir)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
+from absl import logging
+
 RunFn = Callable[[Any, str], Any]
 
 
@@ -59,7 +61,8 @@ MODE_NAMES = tuple(MODES)
 
 
 def setup_compilation_cache(config, workdir: str) -> Optional[str]:
-    """Points JAX's persistent compilation cache where `config.compilation_cache_dir` says; returns it.
+    """Points JAX's persistent compilation cache where `config.compilation_cache_dir` says, logs the
+    choice, and returns the directory.
 
     '' keeps a directory already set (JAX_COMPILATION_CACHE_DIR, or jax.config by the caller) and
     otherwise uses <workdir>/xla_cache; 'off' turns the cache off (returns None); any other value is
@@ -72,10 +75,12 @@ def setup_compilation_cache(config, workdir: str) -> Optional[str]:
     current = jax.config.jax_compilation_cache_dir
     if wanted == "off":
         jax.config.update("jax_enable_compilation_cache", False)
+        logging.info("compilation cache off")
         return None
     directory = wanted or current or os.path.join(workdir, "xla_cache")
     if directory != current:
         jax.config.update("jax_compilation_cache_dir", directory)
+    logging.info("compiled programs cached in %s", directory)
     return directory
 
 

@@ -157,12 +157,15 @@ def make_loss(spec: supernet.SuperNetSpec):
         logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
         ce = losses.cross_entropy(logits, labels)
         r_op, r_thr = regularizers(trainable["arch"], masks, spec)
-        loss = ce + lam * (r_op + r_thr)
-        acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return loss, (updates["batch_stats"], dict(loss=loss, ce=ce, r_op=r_op, r_thr=r_thr,
-                                                   reg=lam * r_op, accuracy=acc))
+        metrics = _loss_metrics(ce, r_op, r_thr, lam, jnp.mean(jnp.argmax(logits, -1) == labels))
+        return metrics["loss"], (updates["batch_stats"], metrics)
 
     return loss_fn
+
+
+def _loss_metrics(ce, r_op, r_thr, lam, accuracy) -> dict:
+    """The search loss CE + lam (R_op + R_thr) and the metrics a step reports (both step forms)."""
+    return dict(loss=ce + lam * (r_op + r_thr), ce=ce, r_op=r_op, r_thr=r_thr, reg=lam * r_op, accuracy=accuracy)
 
 
 def _apply_grads(tx, state: SearchState, grads, batch_stats, metrics: dict, flags) -> tuple[SearchState, dict]:
@@ -289,12 +292,13 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
 
     @functools.partial(jax.jit, donate_argnums=0)
     def update(state, grads, batch_stats, ce, accuracy, lam, flags):
-        def reg(arch):
+        # the penalty's gradient (the cells' backward programs gave the cross-entropy's)
+        def penalty(arch):
             r_op, r_thr = regularizers(arch, state.masks, spec)
             return lam * (r_op + r_thr), (r_op, r_thr)
-        (penalty, (r_op, r_thr)), reg_grads = jax.value_and_grad(reg, has_aux=True)(state.arch)
+        (_, (r_op, r_thr)), reg_grads = jax.value_and_grad(penalty, has_aux=True)(state.arch)
         grads = dict(grads, arch=jax.tree.map(jnp.add, grads["arch"], reg_grads))
-        metrics = dict(loss=ce + penalty, ce=ce, r_op=r_op, r_thr=r_thr, reg=lam * r_op, accuracy=accuracy)
+        metrics = _loss_metrics(ce, r_op, r_thr, lam, accuracy)
         return _apply_grads(tx, state, grads, batch_stats, metrics, flags)
 
     def step(state: SearchState, batch, key, lam, flags):
