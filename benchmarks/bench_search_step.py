@@ -10,6 +10,7 @@ masks on), one-level search (weights, alpha, beta and thresholds all updated), `
     python benchmarks/bench_search_step.py --sweep                 # time and memory vs batch, C, cells
     python benchmarks/bench_search_step.py --cache-dir=/tmp/c      # ours twice: compiling, then from the cache
     python benchmarks/bench_search_step.py --programs cell --remat # the step as per-cell programs, remat
+    python benchmarks/bench_search_step.py --programs edge --remat # ... as per-edge programs, remat
 
 Ours is `search.make_step` (the jit-compiled step the search runs), measured in a fresh subprocess
 per configuration so that each side's peak RSS is its own. It reports the trace (lower) and XLA
@@ -17,9 +18,11 @@ compile times, the mean ms per step over `--steps` steps after `--warmup` steps 
 with block_until_ready), images/s, peak RSS, XLA's buffer assignment for the step (arguments,
 outputs and temporaries: the step's own memory, without the compiler's) and, on an accelerator, the
 device's peak bytes in use; on Linux also `run_rss_mb`, the highest RSS while the timed steps run (the
-memory of running the step, without the compiler's peak). `--programs cell` measures the step as a chain
-of per-cell programs (`search.make_step(..., programs='cell')`); its compile_s is the first step's time
-less one step's run (tracing included), and it has no single buffer assignment (no xla_step_mb).
+memory of running the step, without the compiler's peak). `--programs cell` (`edge`) measures the step
+as a chain of per-cell (per-edge) programs (`search.make_step(..., programs='cell')`); its compile_s
+is the first step's time less one step's run (tracing included), and it has no single buffer
+assignment (no xla_step_mb). Our side's malloc keeps freed memory, as `mgas_jax.main` sets it up
+(`modes.keep_freed_host_memory`; `--system-malloc` leaves glibc's defaults; `malloc=` in its line).
 The reference is ../shared/bench/torch_reference.py (beside the repository), run as a subprocess on
 the same device kind; its line is printed as it comes. `ratio` is reference
 ms / ours ms: > 1 means ours is faster; the memory ratio is reference peak / ours (> 1: ours smaller).
@@ -69,8 +72,10 @@ def measure_ours(args, stage: int | None = None) -> dict:
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from mgas_jax import kernels, search, supernet
+    from mgas_jax import kernels, modes, search, supernet
 
+    # as mgas_jax.main does (config.keep_freed_host_memory): the figures are what a search gets
+    kept = modes.keep_freed_host_memory() if not args.system_malloc else False
     spec = stage_spec(args, stage)
     data_cfg = ml_collections.ConfigDict(dict(crop_padding=0, flip=False, cutout=0, autoaugment=False))
     tx = search.make_optimizer(types.SimpleNamespace(**OPTIMIZER))
@@ -131,7 +136,7 @@ def measure_ours(args, stage: int | None = None) -> dict:
                 compile_s=compile_s, ms_per_step=dt * 1e3, images_per_s=args.batch / dt,
                 peak_rss_mb=_peak_rss_mb(), run_rss_mb=sampler.peak_mb, xla_mb=xla_mb,
                 peak_device_mb=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
-                loss=float(metrics["loss"]), finite=float(metrics["finite"]))
+                loss=float(metrics["loss"]), finite=float(metrics["finite"]), malloc="kept" if kept else "system")
 
 
 class _RssSampler:
@@ -175,7 +180,7 @@ def _flags(args, **override) -> list[str]:
            f"--image={a['image']}", f"--classes={a['classes']}", f"--steps={a['steps']}",
            f"--warmup={a['warmup']}", f"--impl={a['impl']}", f"--dtype={a['dtype']}",
            f"--programs={a['programs']}"]
-    return out + (["--remat"] if a["remat"] else [])
+    return out + (["--remat"] if a["remat"] else []) + (["--system-malloc"] if a["system_malloc"] else [])
 
 
 def run_ours(args, stage=None, **override) -> dict:
@@ -223,7 +228,7 @@ def _ours_line(o: dict) -> str:
     xla = f" xla_step_mb={o['xla_mb']:.0f}" if o.get("xla_mb") is not None else ""
     trace = f" trace_s={o['trace_s']:.1f}" if o.get("trace_s") is not None else ""
     run = f" run_rss_mb={o['run_rss_mb']:.0f}" if o.get("run_rss_mb") is not None else ""
-    return (f"mgas-jax device={o['device']} impl={o['impl']} programs={o['programs']} "
+    return (f"mgas-jax device={o['device']} impl={o['impl']} programs={o['programs']} malloc={o['malloc']} "
             f"ms_per_step={o['ms_per_step']:.0f} images_per_s={o['images_per_s']:.2f}{trace} "
             f"compile_s={o['compile_s']:.1f} "
             f"peak_rss_mb={o['peak_rss_mb']:.0f}{run}{xla}{dev} params={o['params']} loss={o['loss']:.4f}")
@@ -273,7 +278,7 @@ def _cache_entries(directory) -> int:
 
 
 def _mb(value) -> str:
-    # the per-cell step is many programs, with no single buffer assignment to report
+    # a chained step is many programs, with no single buffer assignment to report
     return f"{'-':>7}" if value is None else f"{value:7.0f}"
 
 
@@ -333,9 +338,11 @@ def main(argv=None):
     p.add_argument("--impl", default="auto", help="depthwise conv formulation (mgas_jax.kernels.IMPLS)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--remat", action="store_true", help="rematerialise each cell in the backward pass")
-    p.add_argument("--programs", default="step", choices=("step", "cell"),
-                   help="our step as one XLA program, or as a chain of per-cell programs (compile_s is then "
-                        "the first step's time less a step's run: tracing included)")
+    p.add_argument("--programs", default="step", choices=("step", "cell", "edge"),
+                   help="our step as one XLA program, or as a chain of per-cell or per-edge programs "
+                        "(compile_s is then the first step's time less a step's run: tracing included)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc malloc's defaults (ours otherwise keeps freed memory, as mgas_jax.main does)")
     p.add_argument("--stages", action="store_true", help="peak memory of each stage's sub-net step")
     p.add_argument("--sweep", action="store_true", help="time and memory against batch, channels and cells")
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")

@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     # JAX_COMPILATION_CACHE_DIR when set, else <workdir>/xla_cache; 'off' = no cache. Runs of the same
     # network (study seeds, reruns) can share one directory.
     config.compilation_cache_dir = ""
+    # On Linux (glibc), malloc keeps freed memory for reuse instead of unmapping it: XLA's CPU backend
+    # allocates every program's buffers afresh, and fresh pages cost a page fault each (a search step
+    # on the CPU runs ~1.3x faster; benchmarks/README.md section 8). The process keeps its peak RSS.
+    config.keep_freed_host_memory = True
 
     config.data = data = ml_collections.ConfigDict()
     data.name = "cifar10"          # digits | cifar10 | cifar100 | imagenet | synthetic
@@ -118,10 +122,12 @@ def get_config() -> ml_collections.ConfigDict:
     search.weight_level = True     # search individual weights
     search.eval_records = True     # validation accuracy of every final-phase record
     search.impl = "auto"           # depthwise conv: auto (shift on CPU, lax elsewhere) | lax | shift
-    search.remat = False           # rematerialise cells in the backward pass (less memory, more compute)
+    search.remat = False           # rematerialise cells (edges) in the backward pass (less memory, more
+                                   # compute; on a CPU about a third of the memory for the same step time)
     search.dtype = "float32"       # compute dtype: float32 | bfloat16 (parameters stay float32)
-    search.programs = "cell"       # the step as per-cell programs (a structure change recompiles only the
-                                   # cells that changed; with remat: a fraction of the memory) | "step": one program
+    search.programs = "edge"       # the step as a chain of per-edge programs: edges of the same structure and
+                                   # shapes share one, and a structure change compiles only new edges |
+                                   # "cell": per-cell programs | "step": one program (benchmarks/README.md 7, 8)
     search.keep_checkpoints = 3    # checkpoints are written at the end of every epoch
     search.progress = True         # tqdm bar per epoch
     search.nan_policy = "stop"     # or "rollback": last checkpoint, every group's lr x rollback_lr_factor

@@ -182,6 +182,7 @@ def main(argv):
     # One cache for the whole study: a rerun or a resumed study loads its programs instead of compiling,
     # and the searches of every seed start from the same super-net structure.
     modes.setup_compilation_cache(config, out)
+    modes.setup_host_memory(config)
     runs, missing = [], []
     for seed in [int(s) for s in FLAGS.seeds]:
         r, m = run_seed(config, seed, out, methods)

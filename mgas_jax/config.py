@@ -168,6 +168,9 @@ SCHEMA: dict[str, Any] = {
     "compilation_cache_dir": Field(str, None, "where compiled XLA programs are kept, so a resumed or repeated "
                                    "run loads them instead of compiling ('' = JAX's setting, else "
                                    "<workdir>/xla_cache; 'off' = none)", semantic=False),
+    "keep_freed_host_memory": Field(bool, None, "malloc keeps freed memory for reuse (Linux, glibc): XLA CPU "
+                                    "allocates each program's buffers afresh (modes.keep_freed_host_memory)",
+                                    semantic=False),
     "data": {
         "name": Field(str, one_of(*DATASETS), "data set"),
         "data_dir": Field((str, type(None)), None, "where TFDS data sets are prepared (None = TFDS default)",
@@ -260,8 +263,8 @@ SCHEMA["search"] = {
     "remat": Field(bool, None, "rematerialise cells in the backward pass"),
     "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)"),
     # the same computation either way (up to the order of float additions), so not in the config hash
-    "programs": Field(str, one_of("step", "cell"), "the search step as one XLA program or a chain of "
-                                                    "per-cell programs (search.make_step)", semantic=False),
+    "programs": Field(str, one_of("step", "cell", "edge"), "the search step as one XLA program or a chain "
+                      "of per-cell or per-edge programs (search.make_step)", semantic=False),
     "keep_checkpoints": Field(int, positive, "search checkpoints kept", semantic=False),
     "progress": Field(bool, None, "tqdm bar per epoch", semantic=False),
     **_nan_policy_fields("every group's learning rate"),

@@ -149,6 +149,64 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation
     return _depthwise_shift(x, kernel, stride, dilation, padding)
 
 
+def _window_slices(xp, k: int, stride: int, h_out: int, w_out: int) -> list:
+    # the k*k shifted (strided) views of a padded input, row-major over the window
+    n, _, _, c = xp.shape
+    return [jax.lax.slice(xp, (0, i, j, 0), (n, i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, c),
+                          (1, stride, stride, 1))
+            for i in range(k) for j in range(k)]
+
+
+def _max_pool_out(x, stride):
+    n, h, w, c = x.shape
+    return (h - 1) // stride + 1, (w - 1) // stride + 1   # 3x3 window, padding 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_shift(x, stride):
+    xp = jnp.pad(_materialized(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return functools.reduce(jnp.maximum, _window_slices(xp, 3, stride, *_max_pool_out(x, stride)))
+
+
+def _max_pool_fwd(x, stride):
+    y = _max_pool_shift(x, stride)
+    return y, (x, y)
+
+
+def _max_pool_bwd(stride, residuals, g):
+    # Each output's gradient goes to the first element of its window (row-major) that equals the
+    # maximum: the rule of XLA's select-and-scatter (select = ge), so ties resolve as lax's do.
+    x, y = residuals
+    xp = jnp.pad(_materialized(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    windows, pull = jax.vjp(lambda a: _window_slices(a, 3, stride, *_max_pool_out(x, stride)), xp)
+    taken = jnp.zeros(y.shape, bool)
+    routed = []
+    for window in windows:
+        first = (window == y) & ~taken
+        taken = taken | first
+        routed.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
+    (dxp,) = pull(routed)
+    return (_materialized(dxp[:, 1:-1, 1:-1, :]),)
+
+
+_max_pool_shift.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool_3x3(x: jax.Array, stride: int = 1, impl: str = "auto") -> jax.Array:
+    """3x3 max pool with padding 1 (NHWC), as PyTorch's MaxPool2d(3, stride, 1).
+
+    impl 'lax' is `reduce_window` (its gradient XLA's select-and-scatter, which XLA CPU runs about 8x
+    slower than the rest of a sep_conv_3x3's backward); 'shift' and 'shift_vjp' take the maximum of the
+    9 shifted views, with a gradient that routes each output's cotangent to the first maximal element
+    of its window, as select-and-scatter does. Same values and gradients, ties included
+    (tests/test_kernels.py). 'auto': 'shift_vjp' on CPU, 'lax' elsewhere, as for `depthwise_conv`.
+    """
+    if resolve_impl(impl) == "lax":
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1),
+                                     ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return _max_pool_shift(x, stride)
+
+
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """1x1 convolution as a matmul over channels: x (N, H, W, Ci), kernel (1, 1, Ci, Co) -> (N, H, W, Co)."""
     return jnp.einsum("nhwc,cd->nhwd", x, kernel.reshape(kernel.shape[-2], kernel.shape[-1]))

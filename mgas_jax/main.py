@@ -29,6 +29,7 @@ def main(argv):
     config_lib.validate(config)
     logging.info("mode=%s workdir=%s config hash=%s", config.mode, FLAGS.workdir, config_lib.config_hash(config))
     modes.setup_compilation_cache(config, FLAGS.workdir)
+    modes.setup_host_memory(config)
     modes.run(config, FLAGS.workdir)
 
 

@@ -9,7 +9,9 @@ implemented yet; `run` then says so. To implement one, replace None with a funct
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -82,6 +84,43 @@ def setup_compilation_cache(config, workdir: str) -> Optional[str]:
         jax.config.update("jax_compilation_cache_dir", directory)
     logging.info("compiled programs cached in %s", directory)
     return directory
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def keep_freed_host_memory() -> bool:
+    """Makes this process's malloc keep freed memory for reuse; True where it could (Linux, glibc).
+
+    Why: XLA's CPU backend allocates every program's buffers afresh on each run. glibc serves large
+    blocks with mmap and returns them with munmap, so each run pays a page fault per 4 KiB of its
+    buffers; a step made of many programs (search.programs = 'cell' or 'edge') pays it on every one.
+    With mmap off and no trimming, freed blocks stay in the heap and the next run reuses pages already
+    mapped. The cost: memory freed at the peak stays with the process (RSS does not drop after it).
+    Measured in benchmarks/README.md, section 8. Other C libraries are left alone.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)            # the C library this process already uses
+        libc.gnu_get_libc_version           # glibc only: musl's malloc has no such options
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 256 << 20))
+    return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def setup_host_memory(config) -> bool:
+    """`keep_freed_host_memory()` when `config.keep_freed_host_memory` (default True); logs the choice."""
+    if not config.get("keep_freed_host_memory", True):
+        logging.info("host malloc: system default")
+        return False
+    kept = keep_freed_host_memory()
+    logging.info("host malloc: %s", "keeps freed memory for reuse" if kept else "system default (not glibc)")
+    return kept
 
 
 def run(config, workdir: str):

@@ -222,12 +222,14 @@ def factorized_halves(out_index: Optional[tuple], width: int) -> tuple[int, int]
     return n1, len(out_index) - n1
 
 
-def pool(name: str, x: jax.Array, stride: int) -> jax.Array:
-    """3x3 pools with padding 1; the average excludes the padding (count_include_pad=False)."""
-    pad = ((1, 1), (1, 1))
+def pool(name: str, x: jax.Array, stride: int, impl: str = "auto") -> jax.Array:
+    """3x3 pools with padding 1; the average excludes the padding (count_include_pad=False).
+
+    `impl` picks the max pool's formulation (kernels.max_pool_3x3), as it does the depthwise conv's.
+    """
     if name == "max_pool_3x3":
-        return nn.max_pool(x, (3, 3), (stride, stride), padding=pad)
-    return nn.avg_pool(x, (3, 3), (stride, stride), padding=pad, count_include_pad=False)
+        return kernels.max_pool_3x3(x, stride, impl)
+    return nn.avg_pool(x, (3, 3), (stride, stride), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 class Op(nn.Module):
@@ -270,7 +272,7 @@ class Op(nn.Module):
             y = FactorizedReduce(n1, n2, self.search, self.affine, dtype=self.dtype, name="fr")(x, train)
             return scatter_channels(y, self.out_index, self.width)
         if name.endswith("pool_3x3"):
-            y = pool(name, x, self.stride)
+            y = pool(name, x, self.stride, self.impl)
             if self.pool_bn:
                 y = batch_norm(train, self.affine, name="bn")(y)
             return y

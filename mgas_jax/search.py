@@ -40,6 +40,7 @@ from mgas_jax import config as config_lib
 from mgas_jax import data as data_lib
 from mgas_jax import export as export_lib
 from mgas_jax import gates, losses, parallel, pruning, supernet
+from mgas_jax import programs as programs_lib
 from mgas_jax.genotype import cells_from_json, cells_to_json
 from mgas_jax.metrics import MetricWriter
 
@@ -113,7 +114,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     """SGD with momentum for every group; clip and weight decay in the weights' chain only."""
     sgd = lambda lr: optax.sgd(lr, momentum=cfg.momentum)
     return optax.partition({
-        "weights": optax.chain(optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        "weights": optax.chain(losses.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
                                optax.add_decayed_weights(cfg.weight_decay), sgd(cfg.lr)),
         "alpha": sgd(cfg.alpha_lr),
         "beta": sgd(cfg.beta_lr),
@@ -194,14 +195,17 @@ def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, dat
     `flags` (5,) float: 1 = update this group (GROUPS order), 0 = keep it (warm-up trains the weights
     only; the bilevel variant alternates). A frozen group keeps its parameters and optimizer state.
 
-    `programs`: 'step' compiles the whole step as one XLA program; 'cell' runs it as a chain of
-    programs, one forward and one backward per cell (`make_cell_step`): the same values, compiled in
-    less time, and a cell whose structure and shapes are unchanged is never compiled twice.
+    `programs`: 'step' compiles the whole step as one XLA program; 'cell' and 'edge' run it as a
+    chain of programs (`make_cell_step`), one forward and one backward per cell ('cell') or per part
+    of a cell: op gates, preprocess layers, edges ('edge', `programs.edge_programs`). Same values, up
+    to float reassociation; a chain compiles in less time, and a part whose structure and shapes were
+    compiled before (in this structure or an earlier one) is never compiled again.
     """
-    if programs == "cell":
-        return make_cell_step(spec, tx, data_cfg, mean, std)
+    if programs in CHAIN_PROGRAMS:
+        return make_cell_step(spec, tx, data_cfg, mean, std, programs)
     if programs != "step":
-        raise ValueError(f"unknown step programs {programs!r}; choose 'step' (one program) or 'cell' (per cell)")
+        raise ValueError(f"unknown step programs {programs!r}; choose 'step' (one program), 'cell' (per cell) "
+                         "or 'edge' (per edge)")
     loss_fn = make_loss(spec)
 
     def step(state: SearchState, batch, key, lam, flags):
@@ -216,56 +220,35 @@ def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, dat
 
 # -- the step as a chain of per-cell programs ----------------------------------------------------
 
+CHAIN_PROGRAMS = ("cell", "edge")
+
+
 def _pick(tree: dict, names) -> dict:
     return {k: tree[k] for k in names if k in tree}
 
 
-@functools.lru_cache(maxsize=256)
-def _cell_programs(cell: supernet.SuperCell, remat: bool):
-    """(forward, backward) programs of one cell module; shared by every cell and spec with the same
-    module, so jit's cache compiles each (module, shapes) pair once per process."""
-
-    def apply(variables, params, arch, s0, s1):
-        out, updates = cell.apply(dict(variables, params=params, arch=arch), s0, s1, train=True,
-                                  mutable=["batch_stats"])
-        return out, updates["batch_stats"]
-
-    def linearize(variables, params, arch, s0, s1):
-        # -> (output, vjp: a pytree of the residuals, batch stats)
-        return jax.vjp(functools.partial(apply, variables), params, arch, s0, s1, has_aux=True)
-
-    if not remat:
-        return jax.jit(linearize), jax.jit(_pull_back)
-
-    apply_jit = jax.jit(apply)
-
-    def forward(variables, params, arch, s0, s1):
-        out, stats = apply_jit(variables, params, arch, s0, s1)
-        return out, (variables, params, arch, s0, s1), stats   # the inputs are the residuals
-
-    def backward(inputs, g):
-        _, vjp, _ = linearize(*inputs)
-        return vjp(g)
-
-    return forward, jax.jit(backward)
-
-
-def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std):
+def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std,
+                   programs: str = "cell"):
     """`make_step` as a chain of small programs: stem, each cell forward (keeping its residuals), head
     and loss, each cell backward, stem backward, then the update. Same arguments, same results (up to
-    float reassociation) as the one-program step.
+    float reassociation) as the one-program step. `programs`: 'cell' runs each cell as one forward and
+    one backward program, 'edge' as programs per part (`programs.edge_programs`).
 
     Why: the whole super-net step is one huge XLA program, whose compile time grows faster than its
-    size and which any change of structure recompiles whole. Cell programs are keyed by the cell's own
-    structure and shapes, so after a commit only the cells that changed compile again (and cells of
-    identical structure and shapes share one program). Without remat the residuals leaving each cell
-    are all materialised (no less memory than the one program); with `spec.remat` a cell keeps only its
+    size and which any change of structure recompiles whole. Chained programs are keyed by their own
+    structure and shapes, so after a commit only the cells (edges) that changed compile again, and
+    cells (edges) of identical structure and shapes share one program: the unpruned super-net's edges
+    are all alike within a stage. Without remat the residuals leaving each program are all
+    materialised (no less memory than the one program); with `spec.remat` a program keeps only its
     inputs and its backward program recomputes the forward, so no program holds more than one cell's
-    activations (benchmarks/README.md, section 7).
+    (edge's) activations (benchmarks/README.md, sections 7 and 8).
     """
     n = len(spec.cells)
     names = [f"cell_{i}" for i in range(n)]
-    programs = [_cell_programs(supernet.cell_module(spec, i), spec.remat) for i in range(n)]
+    if programs == "edge":
+        programs = [programs_lib.edge_programs(spec, i, spec.remat) for i in range(n)]
+    else:
+        programs = [programs_lib.cell_programs(supernet.cell_module(spec, i), spec.remat) for i in range(n)]
     stem, head = supernet.SuperStem(spec.stem_channels), supernet.SuperHead(spec)
     stem_names, head_names = supernet.STEM_NAMES, (supernet.head_name(spec),)
 
@@ -279,7 +262,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
             return x, updates["batch_stats"]
         return jax.vjp(apply, params, has_aux=True)
 
-    stem_backward = jax.jit(_pull_back)
+    stem_backward = jax.jit(programs_lib.pull_back)
 
     @jax.jit
     def head_loss(params, batch_stats, x, labels):
@@ -328,10 +311,6 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         return update(state, {"params": g_params, "arch": g_arch}, stats, ce, accuracy, lam, flags)
 
     return step
-
-
-def _pull_back(vjp, g):
-    return vjp(g)
 
 
 def make_eval_step(spec: supernet.SuperNetSpec, mean, std):
@@ -443,7 +422,7 @@ class Searcher:
         return parallel.replicate(new, self.mesh)
 
     def step_fn(self, spec):
-        """The step of a structure, cached (search.programs = 'cell': compiles only the cells that are new)."""
+        """The step of a structure, cached (chained programs: compiles only the cells or edges that are new)."""
         if spec not in self._steps:
             self._steps[spec] = make_step(spec, self.tx, self.data_cfg, self.mean, self.std, self.cfg.programs)
         return self._steps[spec]

@@ -132,17 +132,53 @@ class SuperCell(nn.Module):
         for node in range(cell.steps):
             acc = None
             for o in cell.ops_into(node):
-                e, k = o.edge, o.op_index
                 stride = 2 if cell.reduction and o.src < 2 else 1
-                y = ops.Op(o.op, cell.width, stride, mid=o.mid, out_index=o.out_index, search=fl,
-                           affine=False, pool_bn=False, masked=self.weight_level, impl=self.impl, dtype=dtype,
-                           name=op_name(o))(states[o.src], train, t_k[e, k], t_w[e, k])
-                y = y * g[e, k].astype(y.dtype)
+                y = _gated_op(o.op, o.mid, o.out_index, cell.width, stride, self.impl, dtype, fl, self.weight_level,
+                              op_name(o), states[o.src], train, g[o.edge], t_k[o.edge], t_w[o.edge])
                 acc = y if acc is None else acc + y
             if acc is None:
                 raise ValueError(f"node {node} of a cell has no op; the protection rule should prevent this")
             states.append(acc)
         return jnp.concatenate([states[i] for i in cell.concat], axis=-1)
+
+
+def _gated_op(op: str, mid, out_index, width: int, stride: int, impl: str, dtype, filter_level: bool,
+              weight_level: bool, name: str, x, train: bool, g, t_k, t_w):
+    # one op of an edge times its gate; g, t_k, t_w are the edge's rows. Called inside a compact
+    # method (SuperCell's and SuperEdge's): the op's variables are the caller's, under `name`.
+    k = ops.OPS.index(op)
+    y = ops.Op(op, width, stride, mid=mid, out_index=out_index, search=filter_level, affine=False,
+               pool_bn=False, masked=weight_level, impl=impl, dtype=dtype, name=name)(x, train, t_k[k], t_w[k])
+    return y * g[k].astype(y.dtype)
+
+
+class SuperEdge(nn.Module):
+    """One edge of a SuperCell alone: the gated sum of its ops, for the per-edge step programs.
+
+    Its variables are SuperCell's op subtrees, named by op (not `op_{node}_{src}_{op}`), so that
+    every edge that computes the same thing is the same module. `g`, `t_k`, `t_w` are the cell's
+    (E, 7) matrices and `e` the edge's row: the gradients come back as whole matrices.
+
+    Attributes:
+      ops: (op name, mid, out_index) of each op on the edge, in the cell's order.
+    """
+    ops: tuple
+    width: int
+    stride: int
+    impl: str = "auto"
+    dtype: Optional[str] = None
+    filter_level: bool = True
+    weight_level: bool = True
+
+    @nn.compact
+    def __call__(self, x, g, t_k, t_w, e, train: bool):
+        dtype = None if self.dtype is None else jnp.dtype(self.dtype)
+        acc = None
+        for op, mid, out_index in self.ops:
+            y = _gated_op(op, mid, out_index, self.width, self.stride, self.impl, dtype, self.filter_level,
+                          self.weight_level, op, x, train, g[e], t_k[e], t_w[e])
+            acc = y if acc is None else acc + y
+        return acc
 
 
 def stage_head_sizes(spatial: int) -> tuple[int, int]:
@@ -241,7 +277,13 @@ def init_variables(spec: SuperNetSpec, key: jax.Array, input_shape: tuple) -> di
 
     Args:
       input_shape: (H, W, C) of one image.
+
+    Runs op by op, not compiled: compiling the init of a whole super-net costs XLA as much as its
+    forward pass (224 s for 8 cells at C 16 on the CPU of benchmarks/README.md, against 15 s op by op),
+    and the values are the same (each parameter's key comes from its path, not from the computation).
+    The forward that init runs uses the native depthwise convolution: its values are thrown away.
     """
     x = jnp.zeros((2,) + tuple(input_shape), jnp.float32)
-    variables = jax.jit(lambda k: SuperNet(spec).init(k, x, train=False))(key)
+    model = SuperNet(dataclasses.replace(spec, impl="lax", remat=False))
+    variables = model.init(key, x, train=False)
     return {c: variables.get(c, {}) for c in ("params", "arch", "batch_stats", "masks")}

@@ -112,7 +112,7 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
     t = config.train
     parts = []
     if t.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(t.grad_clip))
+        parts.append(losses.clip_by_global_norm(t.grad_clip))
     if t.weight_decay > 0:
         parts.append(optax.add_decayed_weights(t.weight_decay))
     parts.append(optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=t.momentum or None,

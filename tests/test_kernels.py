@@ -10,6 +10,7 @@ case is one jit-compiled function.
 import itertools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +113,41 @@ def test_same_padding_keeps_size(k, dilation):
     x = jnp.zeros((1, 9, 9, 2))
     y = kernels.depthwise_conv(x, jnp.zeros((k, k, 1, 2)), dilation=dilation, impl="lax")
     assert y.shape == x.shape
+
+
+def _plain_max_pool(x, stride):
+    return nn.max_pool(x, (3, 3), (stride, stride), padding=((1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("impl", FAST + ("lax", "auto"))
+@pytest.mark.parametrize("stride,size", [(1, 6), (1, 7), (2, 6), (2, 7)])
+@pytest.mark.parametrize("values", ["normal", "ties", "zeros"])
+def test_max_pool_matches_reduce_window(impl, stride, size, values):
+    """The 3x3 max pool equals Flax's (reduce_window; gradient: XLA's select-and-scatter), values and
+    input gradients, also where a window holds its maximum several times: the gradient goes to the
+    first maximal element of the window, as select-and-scatter sends it."""
+    shape = (2, size, size + 1, 3)
+    rng = np.random.default_rng(0)
+    x = {"normal": rng.normal(size=shape), "ties": rng.integers(-1, 2, size=shape),
+         "zeros": np.zeros(shape)}[values]
+    x = jnp.asarray(x, jnp.float32)
+    expected = _plain_max_pool(x, stride)
+    cotangent = _random(expected.shape, 2)
+
+    def value_and_grad(pool):
+        f = lambda a: (jnp.sum(pool(a) * cotangent), pool(a))
+        (_, y), dx = jax.jit(jax.value_and_grad(f, has_aux=True))(x)
+        return y, dx
+
+    y_ref, dx_ref = value_and_grad(lambda a: _plain_max_pool(a, stride))
+    y, dx = value_and_grad(lambda a: kernels.max_pool_3x3(a, stride, impl))
+    chex.assert_trees_all_equal_shapes_and_dtypes((y, dx), (y_ref, dx_ref))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_bfloat16():
+    x = _random((2, 6, 7, 4), 0, jnp.bfloat16)
+    y = kernels.max_pool_3x3(x, 1, "shift_vjp")
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(_plain_max_pool(x, 1), np.float32))

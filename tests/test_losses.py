@@ -133,3 +133,40 @@ def test_cross_entropy_of_low_precision_logits_is_float32():
     ce = losses.cross_entropy(logits, jnp.array([1]))
     chex.assert_type(ce, jnp.float32)
     np.testing.assert_allclose(ce, ce_by_hand(np.asarray(logits, np.float32), [1]), rtol=1e-5)
+
+
+def _tree(scale):
+    # many small leaves of several shapes and dtypes, as a super-net's gradients
+    rng = np.random.default_rng(0)
+    return {"a": [jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32) for _ in range(20)],
+            "b": {"c": jnp.asarray(rng.normal(size=(5,)) * scale, jnp.float32),
+                  "d": jnp.asarray(rng.normal(size=(2, 2, 1, 3)) * scale, jnp.bfloat16)}}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_whole_tree_reductions(transform):
+    """all_finite and global_norm over one concatenation: a single non-finite element anywhere is
+    found, and the norm is optax's (per-leaf sums)."""
+    tree = _tree(1.0)
+    assert bool(transform(losses.all_finite)(tree))
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        broken = jax.tree.map(lambda x: x, tree)
+        broken["a"][13] = broken["a"][13].at[2, 1].set(bad)
+        assert not bool(transform(losses.all_finite)(broken))
+    assert bool(losses.all_finite({})) and float(losses.global_norm({})) == 0.0
+    expected = math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in jax.tree.leaves(tree)))
+    np.testing.assert_allclose(float(transform(losses.global_norm)(tree)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])   # under and over the norm limit
+def test_clip_by_global_norm_is_optaxs(scale):
+    """Our clip (one reduction for the norm) gives optax's updates, whether it clips or not."""
+    import optax
+    tree = jax.tree.map(lambda x: x.astype(jnp.float32), _tree(scale))
+    ours, ref = losses.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    got, state = jax.jit(ours.update)(tree, ours.init(tree))
+    want, _ = ref.update(tree, ref.init(tree))
+    assert state == ref.init(tree)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-8)
+    norm = float(optax.tree.norm(got))
+    assert norm <= 1.0 + 1e-5 if scale > 1 else norm < 1.0

@@ -134,27 +134,44 @@ def _assert_close(a, b, rtol):
 
 
 @pytest.mark.parametrize("remat,head", [(False, "classifier"), (True, "stage")])
-def test_per_cell_programs_give_the_one_program_step(remat, head):
-    """The step as a chain of per-cell programs (forward with residuals, backward) computes what the
-    one-program step computes: same metrics, and after 3 steps (one with the arch groups frozen) the
-    same parameters, batch statistics and optimizer state, up to float reassociation."""
+def test_chained_programs_give_the_one_program_step(remat, head):
+    """The step as a chain of per-cell or per-edge programs (forward with residuals, backward)
+    computes what the one-program step computes: same metrics, and after 3 steps (one with the arch
+    groups frozen) the same parameters, batch statistics and optimizer state, up to float
+    reassociation."""
     spec = supernet.SuperNetSpec(supernet.full_cells(C, LAYERS, STEPS), num_classes=10, stem_channels=3 * C,
                                  head=head, impl="lax", remat=remat)
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
     flag_rows = [(1, 0, 0, 0, 0), (1, 1, 1, 1, 1), (1, 1, 1, 1, 1)]
     one, one_metrics = _run_steps(spec, v, "step", flag_rows)
-    cell, cell_metrics = _run_steps(spec, v, "cell", flag_rows)
-    assert jax.tree.structure(one) == jax.tree.structure(cell)
-    for m1, m2 in zip(one_metrics, cell_metrics):
-        assert m1.keys() == m2.keys() and m1["finite"] == m2["finite"] == 1.0
-        for k in m1:
-            np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
-    assert int(cell.step) == 3
-    _assert_close(cell.params, one.params, 1e-4)
-    _assert_close(cell.arch, one.arch, 1e-4)
-    _assert_close(cell.batch_stats, one.batch_stats, 1e-4)
-    _assert_close(cell.opt_state, one.opt_state, 1e-4)
-    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(cell.arch), jax.tree.leaves(v["arch"])))
+    for programs in ("cell", "edge"):
+        chain, chain_metrics = _run_steps(spec, v, programs, flag_rows)
+        assert jax.tree.structure(one) == jax.tree.structure(chain), programs
+        for m1, m2 in zip(one_metrics, chain_metrics):
+            assert m1.keys() == m2.keys() and m1["finite"] == m2["finite"] == 1.0
+            for k in m1:
+                np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=f"{programs} {k}")
+        assert int(chain.step) == 3
+        _assert_close(chain.params, one.params, 1e-4)
+        _assert_close(chain.arch, one.arch, 1e-4)
+        _assert_close(chain.batch_stats, one.batch_stats, 1e-4)
+        _assert_close(chain.opt_state, one.opt_state, 1e-4)
+        assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(chain.arch), jax.tree.leaves(v["arch"])))
+
+
+def test_chained_programs_handle_a_cell_input_that_nothing_reads():
+    """After pruning, no op of a cell may read one of its inputs: that preprocess layer gets a zero
+    gradient in the chained forms, as in the one program."""
+    cells = supernet.full_cells(C, 2, STEPS)
+    unread = dataclasses.replace(cells[1], ops=tuple(o for o in cells[1].ops if o.src != 0))
+    spec = supernet.SuperNetSpec((cells[0], unread), num_classes=10, stem_channels=3 * C, impl="lax")
+    v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
+    one, one_metrics = _run_steps(spec, v, "step", [(1, 1, 1, 1, 1)] * 2)
+    for programs in ("cell", "edge"):
+        chain, chain_metrics = _run_steps(spec, v, programs, [(1, 1, 1, 1, 1)] * 2)
+        np.testing.assert_allclose(chain_metrics[-1]["loss"], one_metrics[-1]["loss"], rtol=2e-5)
+        _assert_close(chain.params, one.params, 1e-4)
+        _assert_close(chain.arch, one.arch, 1e-4)
 
 
 def _compiled_programs(caplog, fn) -> list[str]:
@@ -172,20 +189,40 @@ def _compiled_programs(caplog, fn) -> list[str]:
 def test_per_cell_programs_compile_an_unchanged_cell_once(caplog):
     """After a structural change in one cell, the per-cell step of the new structure compiles that
     cell's forward and backward only: the unchanged cell's programs are found already compiled."""
-    cells = supernet.full_cells(C, 2, STEPS)
-    spec = supernet.SuperNetSpec(cells, num_classes=10, stem_channels=3 * C, impl="lax")
+    # a width no other test uses: programs compiled (or cached on disk) by other tests would not log
+    cells = supernet.full_cells(C + 2, 2, STEPS)
+    spec = supernet.SuperNetSpec(cells, num_classes=10, stem_channels=3 * (C + 2), impl="lax")
     last = cells[1]
     pruned = dataclasses.replace(last, ops=tuple(o for o in last.ops if o.op != "sep_conv_5x5"))
     spec2 = dataclasses.replace(spec, cells=(cells[0], pruned))
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
     v2 = supernet.init_variables(spec2, jax.random.key(0, impl="rbg"), (8, 8, 3))
     first = _compiled_programs(caplog, lambda: _run_steps(spec, v, "cell", [(1, 1, 1, 1, 1)] * 2))
-    assert first.count("linearize") == 2 and first.count("_pull_back") == 3, first  # 2 cells (+ the stem's backward)
+    assert first.count("cell_forward") == 2 and first.count("cell_backward") == 2, first
     second = _compiled_programs(caplog, lambda: _run_steps(spec2, v2, "cell", [(1, 1, 1, 1, 1)]))
-    assert second.count("linearize") == 1 and second.count("_pull_back") == 2, second  # only cell 1 is new
+    assert second.count("cell_forward") == 1 and second.count("cell_backward") == 1, second  # only cell 1 is new
+
+
+def test_per_edge_programs_compile_each_distinct_edge_once(caplog):
+    """Edges that compute the same thing on the same shapes run one program: a whole normal cell (all
+    its edges carry all 7 ops) compiles one edge program and one preprocess program (both cell inputs
+    are the stem's output). After one edge loses an op, only that edge compiles."""
+    # a width no other test uses: programs compiled (or cached on disk) by other tests would not log
+    cell = supernet.full_cell(C + 1, reduction=False, steps=STEPS)
+    spec = supernet.SuperNetSpec((cell,), num_classes=10, stem_channels=3 * (C + 1), impl="lax")
+    pruned = dataclasses.replace(cell, ops=tuple(o for o in cell.ops
+                                                 if not (o.node == 1 and o.src == 0 and o.op == "sep_conv_5x5")))
+    spec2 = dataclasses.replace(spec, cells=(pruned,))
+    v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
+    v2 = supernet.init_variables(spec2, jax.random.key(0, impl="rbg"), (8, 8, 3))
+    first = _compiled_programs(caplog, lambda: _run_steps(spec, v, "edge", [(1, 1, 1, 1, 1)] * 2))
+    parts = ("edge_forward", "edge_backward", "preprocess_forward", "preprocess_backward")
+    assert [first.count(p) for p in parts] == [1, 1, 1, 1], first
+    second = _compiled_programs(caplog, lambda: _run_steps(spec2, v2, "edge", [(1, 1, 1, 1, 1)]))
+    assert [second.count(p) for p in parts] == [1, 1, 0, 0], second   # the pruned edge only
 
 
 def test_unknown_step_programs_are_refused():
     spec = supernet.SuperNetSpec(supernet.full_cells(C, 1, STEPS), num_classes=10, stem_channels=3 * C)
-    with pytest.raises(ValueError, match="unknown step programs 'cells'.*'step'.*'cell'"):
+    with pytest.raises(ValueError, match="unknown step programs 'cells'.*'step'.*'cell'.*'edge'"):
         search.make_step(spec, search.make_optimizer(_cfg()), None, None, None, programs="cells")
