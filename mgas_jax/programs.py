@@ -19,8 +19,9 @@ Two granularities:
   runs one compiled program: a whole 8-cell super-net compiles five edge programs instead of eight
   cells of fourteen edges each.
 
-With `remat` a program keeps only its inputs (references to arrays that exist anyway) and its backward
-program computes the forward again; without, the forward returns its VJP residuals.
+With `remat` a forward keeps only its inputs (references to arrays that exist anyway) and the backward
+runs the forward again, with its residuals, before the backward program; without, the forward returns
+its VJP residuals.
 """
 from __future__ import annotations
 
@@ -135,10 +136,8 @@ def edge_programs(spec: supernet.SuperNetSpec, i: int, remat: bool) -> tuple[Cal
     """
     cell, reduction_prev, impl, dtype, fl, wl = supernet._cell_fields(spec, i)
     steps = cell.steps
-    dtype_ = None if dtype is None else jnp.dtype(dtype)
-    pres = [ops.Preprocess(cell.width, reduction_prev, cell.pre0_index, search=fl, affine=False, dtype=dtype_),
-            ops.Preprocess(cell.width, False, cell.pre1_index, search=fl, affine=False, dtype=dtype_)]
-    pre_programs = [_preprocess_programs(m, remat) for m in pres]
+    pre_programs = [_preprocess_programs(supernet.preprocess(cell, reduction_prev, k, fl, dtype), remat)
+                    for k in (0, 1)]
     gate_forward, gate_backward = _gate_programs(steps, remat)
     active = supernet.active_matrix(cell)
     # per node, its edges: (edge index, source state, variable names {op: SuperCell's name}, programs)

@@ -100,6 +100,14 @@ def op_name(o: OpSpec) -> str:
     return f"op_{o.node}_{o.src}_{o.op}"
 
 
+def preprocess(cell: CellSpec, reduction_prev: bool, k: int, filter_level: bool, dtype: Optional[str],
+               name: Optional[str] = None) -> ops.Preprocess:
+    """The preprocess layer of a cell's input k (0: the cell two back, reduced after a reduction cell)."""
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    return ops.Preprocess(cell.width, reduction_prev and k == 0, (cell.pre0_index, cell.pre1_index)[k],
+                          search=filter_level, affine=False, dtype=dtype, name=name)
+
+
 class SuperCell(nn.Module):
     """One searchable cell with its own architecture parameters."""
     cell: CellSpec
@@ -124,10 +132,8 @@ class SuperCell(nn.Module):
         g, _ = gates.op_gate(alpha, t_op, committed * active_matrix(cell), gates.edge_nodes(cell.steps))
         dtype = None if self.dtype is None else jnp.dtype(self.dtype)
         fl = self.filter_level
-        s0 = ops.Preprocess(cell.width, self.reduction_prev, cell.pre0_index, search=fl, affine=False,
-                            dtype=dtype, name="pre0")(s0, train, t_pre[0])
-        s1 = ops.Preprocess(cell.width, False, cell.pre1_index, search=fl, affine=False,
-                            dtype=dtype, name="pre1")(s1, train, t_pre[1])
+        s0 = preprocess(cell, self.reduction_prev, 0, fl, self.dtype, name="pre0")(s0, train, t_pre[0])
+        s1 = preprocess(cell, self.reduction_prev, 1, fl, self.dtype, name="pre1")(s1, train, t_pre[1])
         states = [s0, s1]
         for node in range(cell.steps):
             acc = None
