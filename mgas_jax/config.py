@@ -260,7 +260,7 @@ SCHEMA["search"] = {
     "weight_level": Field(bool, None, "search individual weights"),
     "eval_records": Field(bool, None, "validation accuracy of every final-phase record"),
     "impl": Field(str, one_of(*IMPLS), "depthwise conv formulation"),
-    "remat": Field(bool, None, "rematerialise cells in the backward pass"),
+    "remat": Field(bool, None, "rematerialise cells (per-edge programs: edges) in the backward pass"),
     "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)"),
     # the same computation either way (up to the order of float additions), so not in the config hash
     "programs": Field(str, one_of("step", "cell", "edge"), "the search step as one XLA program or a chain "
