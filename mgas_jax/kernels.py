@@ -50,22 +50,27 @@ def _depthwise_lax(x, kernel, stride, dilation, padding):
         feature_group_count=x.shape[-1])
 
 
+def _window_slices(xp, k: int, stride: int, dilation: int, h_out: int, w_out: int) -> list:
+    """The k*k shifted views of a padded input that a k x k window reads, row-major over the window:
+    view (i, j) holds xp[:, i*dilation + stride*a, j*dilation + stride*b, :] for a < h_out, b < w_out."""
+    n, _, _, c = xp.shape
+    return [jax.lax.slice(xp, (0, i * dilation, j * dilation, 0),
+                          (n, i * dilation + (h_out - 1) * stride + 1, j * dilation + (w_out - 1) * stride + 1, c),
+                          (1, stride, stride, 1))
+            for i in range(k) for j in range(k)]
+
+
 def _depthwise_shift(x, kernel, stride, dilation, padding):
     k = kernel.shape[0]
     n, h, w, c = x.shape
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     w_out = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    taps = kernel.reshape(k, k, c)
+    taps = kernel.reshape(k * k, c)
     out = None
-    for i in range(k):
-        for j in range(k):
-            window = jax.lax.slice(
-                xp, (0, i * dilation, j * dilation, 0),
-                (n, i * dilation + (h_out - 1) * stride + 1, j * dilation + (w_out - 1) * stride + 1, c),
-                (1, stride, stride, 1))
-            term = window * taps[i, j]
-            out = term if out is None else out + term
+    for t, window in enumerate(_window_slices(xp, k, stride, dilation, h_out, w_out)):
+        term = window * taps[t]
+        out = term if out is None else out + term
     return out
 
 
@@ -106,13 +111,11 @@ def _shift_vjp_bwd(stride, dilation, padding, residuals, g):
     gp = jax.lax.pad(g, jnp.zeros((), g.dtype),
                      ((0, 0, 0), (lo, h + padding - (h_out - 1) * stride - 1, stride - 1),
                       (lo, w + padding - (w_out - 1) * stride - 1, stride - 1), (0, 0, 0)))
-    taps = kernel.reshape(k, k, c)
+    flipped = kernel.reshape(k * k, c)[::-1]   # tap (k-1-i, k-1-j) for window (i, j)
     dx = None
-    for i in range(k):
-        for j in range(k):
-            window = jax.lax.slice(gp, (0, i * dilation, j * dilation, 0), (n, i * dilation + h, j * dilation + w, c))
-            term = window * taps[k - 1 - i, k - 1 - j]
-            dx = term if dx is None else dx + term
+    for t, window in enumerate(_window_slices(gp, k, 1, dilation, h, w)):
+        term = window * flipped[t]
+        dx = term if dx is None else dx + term
     # Kernel gradient: the native convolution's (one conv op; k*k separate reductions are slower).
     _, kernel_vjp = jax.vjp(lambda kr: _depthwise_lax(x, kr, stride, dilation, padding), kernel)
     (dk,) = kernel_vjp(g)
@@ -149,14 +152,6 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation
     return _depthwise_shift(x, kernel, stride, dilation, padding)
 
 
-def _window_slices(xp, k: int, stride: int, h_out: int, w_out: int) -> list:
-    # the k*k shifted (strided) views of a padded input, row-major over the window
-    n, _, _, c = xp.shape
-    return [jax.lax.slice(xp, (0, i, j, 0), (n, i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, c),
-                          (1, stride, stride, 1))
-            for i in range(k) for j in range(k)]
-
-
 def _max_pool_out(x, stride):
     n, h, w, c = x.shape
     return (h - 1) // stride + 1, (w - 1) // stride + 1   # 3x3 window, padding 1
@@ -165,7 +160,7 @@ def _max_pool_out(x, stride):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_shift(x, stride):
     xp = jnp.pad(_materialized(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    return functools.reduce(jnp.maximum, _window_slices(xp, 3, stride, *_max_pool_out(x, stride)))
+    return functools.reduce(jnp.maximum, _window_slices(xp, 3, stride, 1, *_max_pool_out(x, stride)))
 
 
 def _max_pool_fwd(x, stride):
@@ -178,7 +173,7 @@ def _max_pool_bwd(stride, residuals, g):
     # maximum: the rule of XLA's select-and-scatter (select = ge), so ties resolve as lax's do.
     x, y = residuals
     xp = jnp.pad(_materialized(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    windows, pull = jax.vjp(lambda a: _window_slices(a, 3, stride, *_max_pool_out(x, stride)), xp)
+    windows, pull = jax.vjp(lambda a: _window_slices(a, 3, stride, 1, *_max_pool_out(x, stride)), xp)
     taken = jnp.zeros(y.shape, bool)
     routed = []
     for window in windows:

@@ -125,8 +125,9 @@ def _sub(tree: dict, names: dict) -> dict:
     return {short: tree[long] for short, long in names.items() if long in tree}
 
 
-def _add(a, b):
-    return b if a is None else jax.tree.map(jnp.add, a, b)
+def accumulate(total, term):
+    """total + term for pytrees of arrays, where None is an empty total (a gradient not yet seen)."""
+    return term if total is None else jax.tree.map(jnp.add, total, term)
 
 
 def edge_programs(spec: supernet.SuperNetSpec, i: int, remat: bool) -> tuple[Callable, Callable]:
@@ -182,7 +183,7 @@ def edge_programs(spec: supernet.SuperNetSpec, i: int, remat: bool) -> tuple[Cal
     def backward(residuals, g_out):
         g_states = [None] * (steps + 2)
         for j, piece in zip(cell.concat, jnp.split(g_out, len(cell.concat), axis=-1)):
-            g_states[j] = _add(g_states[j], piece)
+            g_states[j] = accumulate(g_states[j], piece)
         shapes = residuals.pop("states")
 
         def cotangent(j):
@@ -195,8 +196,8 @@ def edge_programs(spec: supernet.SuperNetSpec, i: int, remat: bool) -> tuple[Cal
                 gp, ga, gx, gg, gtk, gtw = edge_backward(residuals.pop(e), g_node)
                 g_params.update({names[short]: v for short, v in gp.items()})
                 g_arch.update({names[short]: v for short, v in ga.items()})
-                g_states[src] = _add(g_states[src], gx)
-                g_g, g_tk, g_tw = _add(g_g, gg), _add(g_tk, gtk), _add(g_tw, gtw)
+                g_states[src] = accumulate(g_states[src], gx)
+                g_g, g_tk, g_tw = accumulate(g_g, gg), accumulate(g_tk, gtk), accumulate(g_tw, gtw)
         g_inputs, g_tpre = [], []
         for k, name in enumerate(("pre0", "pre1")):
             gp, ga, gx, gt = pre_programs[k][1](residuals.pop(name), cotangent(k))

@@ -246,9 +246,9 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
     n = len(spec.cells)
     names = [f"cell_{i}" for i in range(n)]
     if programs == "edge":
-        programs = [programs_lib.edge_programs(spec, i, spec.remat) for i in range(n)]
+        cells = [programs_lib.edge_programs(spec, i, spec.remat) for i in range(n)]
     else:
-        programs = [programs_lib.cell_programs(supernet.cell_module(spec, i), spec.remat) for i in range(n)]
+        cells = [programs_lib.cell_programs(supernet.cell_module(spec, i), spec.remat) for i in range(n)]
     stem, head = supernet.SuperStem(spec.stem_channels), supernet.SuperHead(spec)
     stem_names, head_names = supernet.STEM_NAMES, (supernet.head_name(spec),)
 
@@ -291,7 +291,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         outs, residuals, stats = [x, x], [], dict(stem_stats)
         for i, name in enumerate(names):
             variables = {"batch_stats": bs[name], "masks": state.masks[name]}
-            out, res, stats[name] = programs[i][0](variables, params[name], state.arch[name], outs[i], outs[i + 1])
+            out, res, stats[name] = cells[i][0](variables, params[name], state.arch[name], outs[i], outs[i + 1])
             outs.append(out)
             residuals.append(res)
         ce, accuracy, head_stats, (g_head, g_out) = head_loss(
@@ -302,10 +302,10 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         g_outs[-1] = g_out
         del outs
         for i in reversed(range(n)):
-            g_params[names[i]], g_arch[names[i]], g0, g1 = programs[i][1](residuals[i], g_outs[i + 2])
+            g_params[names[i]], g_arch[names[i]], g0, g1 = cells[i][1](residuals[i], g_outs[i + 2])
             residuals[i] = g_outs[i + 2] = None   # free the cell's residuals as soon as they are used
-            g_outs[i] = g0 if g_outs[i] is None else g_outs[i] + g0
-            g_outs[i + 1] = g1 if g_outs[i + 1] is None else g_outs[i + 1] + g1
+            g_outs[i] = programs_lib.accumulate(g_outs[i], g0)
+            g_outs[i + 1] = programs_lib.accumulate(g_outs[i + 1], g1)
         (g_stem,) = stem_backward(stem_vjp, g_outs[0] + g_outs[1])
         g_params.update(g_stem)
         return update(state, {"params": g_params, "arch": g_arch}, stats, ce, accuracy, lam, flags)

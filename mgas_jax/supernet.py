@@ -130,7 +130,6 @@ class SuperCell(nn.Module):
         # to 0; at stage ends and final-phase commits they leave the spec and are not built at all
         committed = self.variable("masks", "ops", lambda: jnp.asarray(active_matrix(cell))).value
         g, _ = gates.op_gate(alpha, t_op, committed * active_matrix(cell), gates.edge_nodes(cell.steps))
-        dtype = None if self.dtype is None else jnp.dtype(self.dtype)
         fl = self.filter_level
         s0 = preprocess(cell, self.reduction_prev, 0, fl, self.dtype, name="pre0")(s0, train, t_pre[0])
         s1 = preprocess(cell, self.reduction_prev, 1, fl, self.dtype, name="pre1")(s1, train, t_pre[1])
@@ -139,7 +138,7 @@ class SuperCell(nn.Module):
             acc = None
             for o in cell.ops_into(node):
                 stride = 2 if cell.reduction and o.src < 2 else 1
-                y = _gated_op(o.op, o.mid, o.out_index, cell.width, stride, self.impl, dtype, fl, self.weight_level,
+                y = _gated_op(o.op, o.mid, o.out_index, cell.width, stride, self.impl, self.dtype, fl, self.weight_level,
                               op_name(o), states[o.src], train, g[o.edge], t_k[o.edge], t_w[o.edge])
                 acc = y if acc is None else acc + y
             if acc is None:
@@ -148,11 +147,12 @@ class SuperCell(nn.Module):
         return jnp.concatenate([states[i] for i in cell.concat], axis=-1)
 
 
-def _gated_op(op: str, mid, out_index, width: int, stride: int, impl: str, dtype, filter_level: bool,
+def _gated_op(op: str, mid, out_index, width: int, stride: int, impl: str, dtype: Optional[str], filter_level: bool,
               weight_level: bool, name: str, x, train: bool, g, t_k, t_w):
     # one op of an edge times its gate; g, t_k, t_w are the edge's rows. Called inside a compact
     # method (SuperCell's and SuperEdge's): the op's variables are the caller's, under `name`.
     k = ops.OPS.index(op)
+    dtype = None if dtype is None else jnp.dtype(dtype)
     y = ops.Op(op, width, stride, mid=mid, out_index=out_index, search=filter_level, affine=False,
                pool_bn=False, masked=weight_level, impl=impl, dtype=dtype, name=name)(x, train, t_k[k], t_w[k])
     return y * g[k].astype(y.dtype)
@@ -178,10 +178,9 @@ class SuperEdge(nn.Module):
 
     @nn.compact
     def __call__(self, x, g, t_k, t_w, e, train: bool):
-        dtype = None if self.dtype is None else jnp.dtype(self.dtype)
         acc = None
         for op, mid, out_index in self.ops:
-            y = _gated_op(op, mid, out_index, self.width, self.stride, self.impl, dtype, self.filter_level,
+            y = _gated_op(op, mid, out_index, self.width, self.stride, self.impl, self.dtype, self.filter_level,
                           self.weight_level, op, x, train, g[e], t_k[e], t_w[e])
             acc = y if acc is None else acc + y
         return acc
