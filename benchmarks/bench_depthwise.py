@@ -5,7 +5,8 @@ and the kernel) for each formulation of mgas_jax/kernels.py, jit-compiled, and t
 PyTorch (`F.conv2d(groups=C)` forward, `backward`), on this machine's CPU. It also reports each
 formulation's compile time for one conv and the compile and run time of a chain of `--chain` convs
 (ReLU between them, fwd+bwd in one program; alone, and each followed by a 1x1 conv as in a sep_conv),
-the case where XLA CPU fused each conv's producers into the next conv's k*k slices.
+the case where XLA CPU fused each conv's producers into the next conv's k*k slices, and the kernel
+gradient alone in its two forms (lax's filter-gradient convolution; shift_vjp's variadic reduction).
 
     python benchmarks/bench_depthwise.py                       # 5x5, batch 32, 32x32, C = 16 32 64
     python benchmarks/bench_depthwise.py --kernel 3 --dilation 2 --channels 16
@@ -30,7 +31,8 @@ from mgas_jax import kernels  # noqa: E402
 FORMULATIONS = tuple(i for i in kernels.IMPLS if i != "auto")
 
 
-def _min_time(fn, repeats: int) -> float:
+def min_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of fn, after one warm-up call."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -49,7 +51,7 @@ def jax_case(impl: str, x, kernel, g, stride: int, dilation: int, repeats: int) 
     t0 = time.perf_counter()
     compiled = jax.jit(fwd_bwd).lower(x, kernel).compile()
     compile_s = time.perf_counter() - t0
-    return compile_s, _min_time(lambda: jax.block_until_ready(compiled(x, kernel)), repeats)
+    return compile_s, min_time(lambda: jax.block_until_ready(compiled(x, kernel)), repeats)
 
 
 def chain_compile(impl: str, x, kernel, dilation: int, length: int, pointwise: bool) -> tuple[float, float]:
@@ -70,7 +72,18 @@ def chain_compile(impl: str, x, kernel, dilation: int, length: int, pointwise: b
     t0 = time.perf_counter()
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, dw, pw).compile()
     compile_s = time.perf_counter() - t0
-    return compile_s, _min_time(lambda: jax.block_until_ready(compiled(x, dw, pw)), 3)
+    return compile_s, min_time(lambda: jax.block_until_ready(compiled(x, dw, pw)), 3)
+
+
+def kernel_grad_case(x, kernel, g, stride: int, dilation: int, repeats: int) -> tuple[float, float]:
+    """(native s, variadic s): the kernel gradient alone, as lax's grouped convolution's VJP computes
+    it (XLA CPU: a dense C x C convolution) and as 'shift_vjp' does (kernels._kernel_grad)."""
+    k = kernel.shape[0]
+    pad = kernels.same_padding(k, dilation)
+    native = jax.jit(lambda x, g: jax.vjp(lambda kr: kernels._depthwise_lax(x, kr, stride, dilation, pad),
+                                          kernel)[1](g)[0])
+    variadic = jax.jit(lambda x, g: kernels._kernel_grad(kernels._pad(x, pad), g, k, stride, dilation))
+    return tuple(min_time(lambda f=f: jax.block_until_ready(f(x, g)), repeats) for f in (native, variadic))
 
 
 def torch_case(batch, size, channels, k, stride, dilation, repeats) -> float | None:
@@ -89,7 +102,7 @@ def torch_case(batch, size, channels, k, stride, dilation, repeats) -> float | N
     def step():
         x.grad = w.grad = None
         F.conv2d(x, w, None, stride, pad, dilation, channels).backward(g)
-    return _min_time(step, repeats)
+    return min_time(step, repeats)
 
 
 def main():
@@ -114,18 +127,26 @@ def main():
           f"{torch_info}")
     print(f"{'C':>4} {'impl':>10} {'compile_s':>9} {'ms':>8} {'torch_ms':>8} {'ratio':>6}")
     rng = np.random.default_rng(0)
+    cases = {}
     for c in a.channels:
         x = jnp.asarray(rng.normal(size=(a.batch, a.image, a.image, c)), jnp.float32)
         kernel = jnp.asarray(rng.normal(size=(a.kernel, a.kernel, 1, c)), jnp.float32)
         out = jax.eval_shape(lambda x, k: kernels.depthwise_conv(x, k, stride=a.stride, dilation=a.dilation,
                                                                  impl="lax"), x, kernel)
         g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+        cases[c] = x, kernel, g
         t_torch = torch_case(a.batch, a.image, c, a.kernel, a.stride, a.dilation, a.repeats)
         for impl in a.impls:
             compile_s, t = jax_case(impl, x, kernel, g, a.stride, a.dilation, a.repeats)
             ratio = f"{t_torch / t:6.2f}" if t_torch else "     -"
             torch_ms = f"{t_torch * 1e3:8.1f}" if t_torch else "       -"
             print(f"{c:>4} {impl:>10} {compile_s:9.2f} {t * 1e3:8.1f} {torch_ms} {ratio}", flush=True)
+    print("kernel gradient alone, ms: native (lax's filter-gradient convolution) against one variadic "
+          "reduction (shift_vjp's)")
+    print(f"{'C':>4} {'native':>8} {'variadic':>8} {'ratio':>6}")
+    for c, (x, kernel, g) in cases.items():
+        native, variadic = kernel_grad_case(x, kernel, g, a.stride, a.dilation, a.repeats)
+        print(f"{c:>4} {native * 1e3:8.2f} {variadic * 1e3:8.2f} {native / variadic:6.2f}", flush=True)
     if a.chain:
         c = a.channels[0]
         x = jnp.asarray(rng.normal(size=(a.batch, a.image, a.image, c)), jnp.float32)

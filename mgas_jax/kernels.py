@@ -11,11 +11,13 @@ The formulations ('auto' picks 'shift_vjp' on CPU, 'lax' elsewhere):
 - 'shift': the sum of k*k shifted, per-channel-scaled slices; its gradients come from autodiff.
 - 'shift_vjp': a custom VJP. The forward pass and the input gradient are both sums of k*k shifted
   products (the input gradient correlates the stride-dilated cotangent with the flipped taps), each
-  one loop fusion that reads its input once. The kernel gradient is k*k reductions over the whole
-  batch in the shift form, which XLA CPU runs as one slice plus one reduction per tap (~5x slower
-  than the native kernel-gradient convolution at C = 16-64), so it comes from the native
-  convolution's own VJP. On the CPU of benchmarks/README.md, a depthwise 5x5 fwd+bwd (batch 32,
-  32x32, C = 16) takes ~6 ms this way against ~25 ms for 'shift' and ~100 ms for 'lax'.
+  one loop fusion that reads its input once. The kernel gradient is one variadic reduction of the
+  k*k window products (`_kernel_grad`): XLA CPU runs the native form, the grouped convolution's
+  filter gradient, as a dense C x C convolution. On the CPU of benchmarks/README.md, a depthwise
+  5x5 fwd+bwd (batch 32, 32x32, C = 16) takes 3.5 ms this way against 17 ms for 'shift', 53 ms
+  for 'lax' and 12 ms in PyTorch (sections 5 and 9 there).
+
+The 3x3 pools have shift forms too (`max_pool_3x3`, `avg_pool_3x3`), picked by the same `impl`.
 
 Layout everywhere: NHWC activations, HWIO kernels (depthwise: (k, k, 1, C)).
 """
@@ -25,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLS = ("auto", "lax", "shift", "shift_vjp")
 
@@ -60,18 +63,37 @@ def _window_slices(xp, k: int, stride: int, dilation: int, h_out: int, w_out: in
             for i in range(k) for j in range(k)]
 
 
-def _depthwise_shift(x, kernel, stride, dilation, padding):
-    k = kernel.shape[0]
-    n, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    w_out = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+def _spread_pad(a, value, k, dilation, padding, stride, h, w):
+    """Pad an output-shaped array for a gather-form input gradient: spread it by the stride
+    (interior `value`s) and pad it so that window i' of `_window_slices(..., k, 1, dilation, h, w)`
+    holds, at input position m, the output that tap k-1-i' of a window reads m from (out of range:
+    `value`). Negative pads crop the rows that a large `padding` puts beyond the input."""
+    h_out, w_out = a.shape[1], a.shape[2]
+    lo = (k - 1) * dilation - padding
+    return jax.lax.pad(a, jnp.asarray(value, a.dtype),
+                       ((0, 0, 0), (lo, h + padding - (h_out - 1) * stride - 1, stride - 1),
+                        (lo, w + padding - (w_out - 1) * stride - 1, stride - 1), (0, 0, 0)))
+
+
+def _pad(x, padding, value=0):
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=value)
+
+
+def _taps_sum(xp, kernel, stride, dilation):
+    """The depthwise conv of an already padded input: the sum of k*k shifted, per-channel-scaled views."""
+    k, c = kernel.shape[0], kernel.shape[-1]
+    h_out = (xp.shape[1] - dilation * (k - 1) - 1) // stride + 1
+    w_out = (xp.shape[2] - dilation * (k - 1) - 1) // stride + 1
     taps = kernel.reshape(k * k, c)
     out = None
     for t, window in enumerate(_window_slices(xp, k, stride, dilation, h_out, w_out)):
         term = window * taps[t]
         out = term if out is None else out + term
     return out
+
+
+def _depthwise_shift(x, kernel, stride, dilation, padding):
+    return _taps_sum(_pad(x, padding), kernel, stride, dilation)
 
 
 def _materialized(x):
@@ -90,38 +112,53 @@ def _materialized(x):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _depthwise_shift_vjp(x, kernel, stride, dilation, padding):
-    return _depthwise_shift(_materialized(x), kernel, stride, dilation, padding)
+    return _taps_sum(_materialized(_pad(x, padding)), kernel, stride, dilation)
 
 
 def _shift_vjp_fwd(x, kernel, stride, dilation, padding):
-    x = _materialized(x)
-    return _depthwise_shift(x, kernel, stride, dilation, padding), (x, kernel)
+    # the padded input, made in one pass with x's producer, is what the taps and the kernel
+    # gradient read: the backward needs no pad of its own
+    xp = _materialized(_pad(x, padding))
+    return _taps_sum(xp, kernel, stride, dilation), (xp, kernel)
+
+
+def _kernel_grad(xp, g, k, stride, dilation):
+    """A depthwise conv's kernel gradient from its padded input, dk[i, j, c] = sum over n, h, w of
+    window (i, j) * g, as one variadic reduction: a single loop that reads g and the k*k windows of
+    xp together and sums k*k products per element (in float32), first over each image's pixels,
+    then over the batch.
+
+    XLA CPU runs the native form (the grouped convolution's filter gradient) as a dense C x C
+    convolution plus transposes, C times the work; k*k separate reductions each reread g, and
+    inside an edge's backward XLA copied their slices out first. This form is 3-8x faster than the
+    native one at C 16-64 (benchmarks/README.md, section 9).
+    """
+    g32 = g.astype(jnp.float32)
+    products = tuple(window.astype(jnp.float32) * g32
+                     for window in _window_slices(xp, k, stride, dilation, g.shape[1], g.shape[2]))
+    zero = jnp.zeros((), jnp.float32)
+    per_image = jax.lax.reduce(products, (zero,) * len(products),
+                               lambda a, b: tuple(u + v for u, v in zip(a, b)), (1, 2))
+    return jnp.stack(per_image).sum(axis=1).reshape(k, k, 1, xp.shape[-1])
 
 
 def _shift_vjp_bwd(stride, dilation, padding, residuals, g):
-    x, kernel = residuals
+    xp, kernel = residuals
     g = _materialized(g)
-    k = kernel.shape[0]
-    n, h, w, c = x.shape
-    h_out, w_out = g.shape[1], g.shape[2]
-    # Input gradient: dx[m] = sum_i g_dilated[m + p - i d] tap[i]. Spread g by the stride (interior
-    # zeros), pad it so that slice i' starts at i' d, and correlate with the flipped taps. Negative
-    # pads crop the rows that a large `padding` puts beyond the input.
-    lo = (k - 1) * dilation - padding
-    gp = jax.lax.pad(g, jnp.zeros((), g.dtype),
-                     ((0, 0, 0), (lo, h + padding - (h_out - 1) * stride - 1, stride - 1),
-                      (lo, w + padding - (w_out - 1) * stride - 1, stride - 1), (0, 0, 0)))
+    k, c = kernel.shape[0], kernel.shape[-1]
+    h, w = xp.shape[1] - 2 * padding, xp.shape[2] - 2 * padding
+    # Input gradient: dx[m] = sum_i g_dilated[m + p - i d] tap[i]: correlate the spread, padded g
+    # with the flipped taps.
+    gp = _spread_pad(g, 0, k, dilation, padding, stride, h, w)
     flipped = kernel.reshape(k * k, c)[::-1]   # tap (k-1-i, k-1-j) for window (i, j)
     dx = None
     for t, window in enumerate(_window_slices(gp, k, 1, dilation, h, w)):
         term = window * flipped[t]
         dx = term if dx is None else dx + term
-    # Kernel gradient: the native convolution's (one conv op; k*k separate reductions are slower).
-    _, kernel_vjp = jax.vjp(lambda kr: _depthwise_lax(x, kr, stride, dilation, padding), kernel)
-    (dk,) = kernel_vjp(g)
+    dk = _kernel_grad(xp, g, k, stride, dilation).astype(kernel.dtype)
     # dx feeds the sum of every consumer's gradient of this state, read by several fusions (BN and
     # gate backward, other ops' taps): materialize it once instead of recomputing k*k taps in each.
-    return _materialized(dx.astype(x.dtype)), dk.astype(kernel.dtype)
+    return _materialized(dx.astype(xp.dtype)), dk
 
 
 _depthwise_shift_vjp.defvjp(_shift_vjp_fwd, _shift_vjp_bwd)
@@ -152,36 +189,45 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation
     return _depthwise_shift(x, kernel, stride, dilation, padding)
 
 
-def _max_pool_out(x, stride):
+def _pool_out(x, stride):
     n, h, w, c = x.shape
     return (h - 1) // stride + 1, (w - 1) // stride + 1   # 3x3 window, padding 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_shift(x, stride):
-    xp = jnp.pad(_materialized(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    return functools.reduce(jnp.maximum, _window_slices(xp, 3, stride, 1, *_max_pool_out(x, stride)))
+    xp = _pad(_materialized(x), 1, -jnp.inf)
+    return functools.reduce(jnp.maximum, _window_slices(xp, 3, stride, 1, *_pool_out(x, stride)))
 
 
 def _max_pool_fwd(x, stride):
-    y = _max_pool_shift(x, stride)
-    return y, (x, y)
+    # Each output's gradient goes to the first element of its window (row-major) that equals the
+    # maximum: the rule of XLA's select-and-scatter (select = ge), so ties resolve as lax's do. The
+    # forward keeps which tap that is (int8; 9: none, a NaN window) and a zero-size array for x's shape.
+    xp = _pad(_materialized(x), 1, -jnp.inf)
+    windows = _window_slices(xp, 3, stride, 1, *_pool_out(x, stride))
+    y = functools.reduce(jnp.maximum, windows)
+    first = jnp.full(y.shape, 9, jnp.int8)
+    for t, window in reversed(list(enumerate(windows))):
+        first = jnp.where(window == y, jnp.int8(t), first)
+    return y, (first, jnp.zeros((0,) + x.shape[1:], x.dtype))
 
 
 def _max_pool_bwd(stride, residuals, g):
-    # Each output's gradient goes to the first element of its window (row-major) that equals the
-    # maximum: the rule of XLA's select-and-scatter (select = ge), so ties resolve as lax's do.
-    x, y = residuals
-    xp = jnp.pad(_materialized(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    windows, pull = jax.vjp(lambda a: _window_slices(a, 3, stride, 1, *_max_pool_out(x, stride)), xp)
-    taken = jnp.zeros(y.shape, bool)
-    routed = []
-    for window in windows:
-        first = (window == y) & ~taken
-        taken = taken | first
-        routed.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
-    (dxp,) = pull(routed)
-    return (_materialized(dxp[:, 1:-1, 1:-1, :]),)
+    # Gather form: each input element sums, over the 9 windows that contain it, the gradient of
+    # those whose first maximum it is, reading padded copies of the winning taps and of g. The
+    # scatter form (one pad per tap, the transpose of a slice) fused those pads into the sum of an
+    # edge's input gradients: at C 16 that fusion took 12.8 ms, 1.7 ms with this form
+    # (benchmarks/README.md, section 9).
+    first, like_x = residuals
+    h, w = like_x.shape[1:3]
+    first_p = _spread_pad(first, 9, 3, 1, 1, stride, h, w)
+    gp = _spread_pad(_materialized(g), 0, 3, 1, 1, stride, h, w)
+    dx = None
+    for t, (won, gw) in enumerate(zip(_window_slices(first_p, 3, 1, 1, h, w), _window_slices(gp, 3, 1, 1, h, w))):
+        term = jnp.where(won == 8 - t, gw, jnp.zeros((), g.dtype))   # window t reads tap 8 - t
+        dx = term if dx is None else dx + term
+    return (_materialized(dx),)
 
 
 _max_pool_shift.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -200,6 +246,32 @@ def max_pool_3x3(x: jax.Array, stride: int = 1, impl: str = "auto") -> jax.Array
         return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1),
                                      ((0, 0), (1, 1), (1, 1), (0, 0)))
     return _max_pool_shift(x, stride)
+
+
+def _window_counts(size: int, out: int, stride: int) -> np.ndarray:
+    """How many of a 3x3 (padding 1) window's positions along one axis fall inside the input."""
+    start = np.arange(out) * stride - 1
+    return np.minimum(start + 3, size) - np.maximum(start, 0)
+
+
+def avg_pool_3x3(x: jax.Array, stride: int = 1, impl: str = "auto") -> jax.Array:
+    """3x3 average pool with padding 1, not counting the padding (PyTorch's AvgPool2d(3, stride, 1,
+    count_include_pad=False), DARTS's avg_pool_3x3).
+
+    impl 'lax' is `reduce_window` (Flax's `avg_pool`); the shift forms are a depthwise conv with
+    all-one taps (so 'shift_vjp' gets its gather-form input gradient) times the constant reciprocal
+    of each window's count. XLA CPU runs `reduce_window` and its transpose several times slower.
+    """
+    if resolve_impl(impl) == "lax":
+        ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+        window = lambda a: jax.lax.reduce_window(a, np.zeros((), a.dtype), jax.lax.add, (1, 3, 3, 1),
+                                                 (1, stride, stride, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return window(x) / window(ones)
+    (h_out, w_out), (h, w) = _pool_out(x, stride), x.shape[1:3]
+    count = np.outer(_window_counts(h, h_out, stride), _window_counts(w, w_out, stride))
+    taps = jnp.ones((3, 3, 1, x.shape[-1]), x.dtype)
+    return depthwise_conv(x, taps, stride=stride, padding=1, impl=impl) * jnp.asarray(
+        1.0 / count[None, :, :, None], x.dtype)
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

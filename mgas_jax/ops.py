@@ -225,11 +225,12 @@ def factorized_halves(out_index: Optional[tuple], width: int) -> tuple[int, int]
 def pool(name: str, x: jax.Array, stride: int, impl: str = "auto") -> jax.Array:
     """3x3 pools with padding 1; the average excludes the padding (count_include_pad=False).
 
-    `impl` picks the max pool's formulation (kernels.max_pool_3x3), as it does the depthwise conv's.
+    `impl` picks the pools' formulations (kernels.max_pool_3x3, kernels.avg_pool_3x3), as it does
+    the depthwise conv's.
     """
     if name == "max_pool_3x3":
         return kernels.max_pool_3x3(x, stride, impl)
-    return nn.avg_pool(x, (3, 3), (stride, stride), padding=((1, 1), (1, 1)), count_include_pad=False)
+    return kernels.avg_pool_3x3(x, stride, impl)
 
 
 class Op(nn.Module):

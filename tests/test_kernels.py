@@ -115,6 +115,13 @@ def test_same_padding_keeps_size(k, dilation):
     assert y.shape == x.shape
 
 
+def _pool_value_and_grad(pool, x, cotangent):
+    """pool(x) and the gradient of sum(pool(x) * cotangent) w.r.t. x, jit-compiled."""
+    f = lambda a: (jnp.sum(pool(a) * cotangent), pool(a))  # noqa: E731
+    (_, y), dx = jax.jit(jax.value_and_grad(f, has_aux=True))(x)
+    return y, dx
+
+
 def _plain_max_pool(x, stride):
     return nn.max_pool(x, (3, 3), (stride, stride), padding=((1, 1), (1, 1)))
 
@@ -131,19 +138,38 @@ def test_max_pool_matches_reduce_window(impl, stride, size, values):
     x = {"normal": rng.normal(size=shape), "ties": rng.integers(-1, 2, size=shape),
          "zeros": np.zeros(shape)}[values]
     x = jnp.asarray(x, jnp.float32)
-    expected = _plain_max_pool(x, stride)
-    cotangent = _random(expected.shape, 2)
-
-    def value_and_grad(pool):
-        f = lambda a: (jnp.sum(pool(a) * cotangent), pool(a))
-        (_, y), dx = jax.jit(jax.value_and_grad(f, has_aux=True))(x)
-        return y, dx
-
-    y_ref, dx_ref = value_and_grad(lambda a: _plain_max_pool(a, stride))
-    y, dx = value_and_grad(lambda a: kernels.max_pool_3x3(a, stride, impl))
+    cotangent = _random(_plain_max_pool(x, stride).shape, 2)
+    y_ref, dx_ref = _pool_value_and_grad(lambda a: _plain_max_pool(a, stride), x, cotangent)
+    y, dx = _pool_value_and_grad(lambda a: kernels.max_pool_3x3(a, stride, impl), x, cotangent)
     chex.assert_trees_all_equal_shapes_and_dtypes((y, dx), (y_ref, dx_ref))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
     np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-6, atol=1e-6)
+
+
+def _plain_avg_pool(x, stride):
+    return nn.avg_pool(x, (3, 3), (stride, stride), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+@pytest.mark.parametrize("impl", FAST + ("lax", "auto"))
+@pytest.mark.parametrize("stride,size", [(1, 6), (1, 7), (2, 6), (2, 7)])
+def test_avg_pool_matches_flax(impl, stride, size):
+    """The 3x3 average pool (padding not counted) equals Flax's, values and input gradients, at the
+    borders too, where the count of a window is 4 or 6 instead of 9."""
+    x = _random((2, size, size + 1, 3), 0)
+    cotangent = _random(_plain_avg_pool(x, stride).shape, 2)
+    y_ref, dx_ref = _pool_value_and_grad(lambda a: _plain_avg_pool(a, stride), x, cotangent)
+    y, dx = _pool_value_and_grad(lambda a: kernels.avg_pool_3x3(a, stride, impl), x, cotangent)
+    chex.assert_trees_all_equal_shapes_and_dtypes((y, dx), (y_ref, dx_ref))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-6, atol=1e-6)
+
+
+def test_avg_pool_bfloat16():
+    x = _random((2, 6, 7, 4), 0, jnp.bfloat16)
+    y = kernels.avg_pool_3x3(x, 2, "shift_vjp")
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               np.asarray(_plain_avg_pool(x.astype(jnp.float32), 2)), rtol=2e-2, atol=2e-2)
 
 
 def test_max_pool_bfloat16():
