@@ -217,7 +217,7 @@ def _max_pool_bwd(stride, residuals, g):
     # Gather form: each input element sums, over the 9 windows that contain it, the gradient of
     # those whose first maximum it is, reading padded copies of the winning taps and of g. The
     # scatter form (one pad per tap, the transpose of a slice) fused those pads into the sum of an
-    # edge's input gradients: at C 16 that fusion took 12.8 ms, 1.7 ms with this form
+    # edge's input gradients: at C 16 that fusion took 12.8 ms, 1.7-3.3 ms with this form
     # (benchmarks/README.md, section 9).
     first, like_x = residuals
     h, w = like_x.shape[1:3]
