@@ -145,16 +145,11 @@ def _kernel_grad(xp, g, k, stride, dilation):
 def _shift_vjp_bwd(stride, dilation, padding, residuals, g):
     xp, kernel = residuals
     g = _materialized(g)
-    k, c = kernel.shape[0], kernel.shape[-1]
+    k = kernel.shape[0]
     h, w = xp.shape[1] - 2 * padding, xp.shape[2] - 2 * padding
-    # Input gradient: dx[m] = sum_i g_dilated[m + p - i d] tap[i]: correlate the spread, padded g
-    # with the flipped taps.
-    gp = _spread_pad(g, 0, k, dilation, padding, stride, h, w)
-    flipped = kernel.reshape(k * k, c)[::-1]   # tap (k-1-i, k-1-j) for window (i, j)
-    dx = None
-    for t, window in enumerate(_window_slices(gp, k, 1, dilation, h, w)):
-        term = window * flipped[t]
-        dx = term if dx is None else dx + term
+    # Input gradient: dx[m] = sum_i g_dilated[m + p - i d] tap[i]: the stride-1 conv of the spread,
+    # padded g (h x w out) with the flipped taps.
+    dx = _taps_sum(_spread_pad(g, 0, k, dilation, padding, stride, h, w), kernel[::-1, ::-1], 1, dilation)
     dk = _kernel_grad(xp, g, k, stride, dilation).astype(kernel.dtype)
     # dx feeds the sum of every consumer's gradient of this state, read by several fusions (BN and
     # gate backward, other ops' taps): materialize it once instead of recomputing k*k taps in each.
@@ -194,18 +189,21 @@ def _pool_out(x, stride):
     return (h - 1) // stride + 1, (w - 1) // stride + 1   # 3x3 window, padding 1
 
 
+def _max_pool_windows(x, stride):
+    """The 9 views of x padded with -inf that a 3x3 (padding 1) max pool's windows read."""
+    return _window_slices(_pad(_materialized(x), 1, -jnp.inf), 3, stride, 1, *_pool_out(x, stride))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_shift(x, stride):
-    xp = _pad(_materialized(x), 1, -jnp.inf)
-    return functools.reduce(jnp.maximum, _window_slices(xp, 3, stride, 1, *_pool_out(x, stride)))
+    return functools.reduce(jnp.maximum, _max_pool_windows(x, stride))
 
 
 def _max_pool_fwd(x, stride):
     # Each output's gradient goes to the first element of its window (row-major) that equals the
     # maximum: the rule of XLA's select-and-scatter (select = ge), so ties resolve as lax's do. The
     # forward keeps which tap that is (int8; 9: none, a NaN window) and a zero-size array for x's shape.
-    xp = _pad(_materialized(x), 1, -jnp.inf)
-    windows = _window_slices(xp, 3, stride, 1, *_pool_out(x, stride))
+    windows = _max_pool_windows(x, stride)
     y = functools.reduce(jnp.maximum, windows)
     first = jnp.full(y.shape, 9, jnp.int8)
     for t, window in reversed(list(enumerate(windows))):
