@@ -111,11 +111,18 @@ def get_config() -> ml_collections.ConfigDict:
     search.lambda_n = 12           #   n: > 4n ops pruned in a round -> back off, < 2n -> push harder
     search.lambda_cap = 100.0      #   upper bound of lambda
     search.warmup_epochs = 5       # weight-only epochs at the start of each stage and of the final phase
-    search.commit_every = 2        # epochs between commits of the live masks
+    search.first_commit_after = 3  # pruning epochs before a phase's first commit of the live masks, then
+    search.commit_every = 2        #   one every 2 epochs (the released code: epochs 3, 5, 7, ...)
     search.stage_size_ratio = 0.3  # a stage ends when its size proxy < ratio x its size at the start
     search.max_stage_epochs = 100  # safety cap on the pruning epochs of a stage
     search.final_size_floor = 100_000  # the final phase ends below this size proxy ...
     search.final_max_epochs = 200  # ... or after this many epochs, or when no op can be pruned
+    # Budget-true final phase (ours; README): a commit that would take the exported size below an
+    # export.target with no record yet commits only the units furthest below their thresholds, as
+    # many as land the size in [budget_window x target, target], records there and goes on; the
+    # phase ends once every target has its record. False: every commit whole, down to the floor.
+    search.budget_commits = True
+    search.budget_window = 0.9
     search.regrow_fraction = 0.2   # after stages 2 and 3: regrow floor(0.2 x ops pruned in the stage)
     search.bilevel = False         # first-order bilevel variant: arch steps on the validation split
     search.filter_level = True     # search filters (False: op-level only, a DARTS-like baseline)

@@ -152,7 +152,37 @@ def aggregate(runs: list) -> list[dict]:
     return rows
 
 
-def markdown(rows: list, missing: list, command: str) -> str:
+def search_targets(root: str, seeds) -> list[dict]:
+    """Per seed and target, what the MGAS search itself reports (its search_result.json): the exported
+    non-zero parameters and the validation accuracy of the record, or why there is none."""
+    rows = []
+    for seed in seeds:
+        path = os.path.join(root, f"seed_{seed}", "mgas", "search", "search_result.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            targets = json.load(f).get("targets", {})
+        for target, t in sorted(targets.items(), key=lambda kv: -int(kv[0])):
+            rows.append(dict(seed=int(seed), target=int(target), params_nonzero=t.get("params_nonzero"),
+                             val_accuracy=t.get("val_accuracy"), why=t.get("why")))
+    return rows
+
+
+def search_markdown(rows: list) -> list[str]:
+    lines = ["", "Per seed, the MGAS search's records at the targets (exported non-zero parameters, validation "
+             "accuracy of the super-net at the record):", "",
+             "| seed | target | params non-zero | / target | val top-1 (%) |", "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["params_nonzero"] is None:
+            lines.append(f"| {r['seed']} | {r['target']:,} | - | - | - ({r['why']}) |")
+            continue
+        acc = "-" if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.2f}"
+        lines.append(f"| {r['seed']} | {r['target']:,} | {r['params_nonzero']:,} | "
+                     f"{r['params_nonzero'] / r['target']:.3f} | {acc} |")
+    return lines
+
+
+def markdown(rows: list, missing: list, command: str, searched: list = ()) -> str:
     lines = ["# MGAS versus baselines", "", f"`{command}`", "",
              "| method | target | seeds | params non-zero | params dense | FLOPs non-zero | test top-1 (%) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -160,6 +190,8 @@ def markdown(rows: list, missing: list, command: str) -> str:
         lines.append(f"| {r['method']} | {r['target']:,} | {r['seeds']} | {r['params_nonzero']:,.0f} | "
                      f"{r['params_dense']:,.0f} | {r['flops_nonzero']:,.0f} | "
                      f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} |")
+    if searched:
+        lines += search_markdown(searched)
     if missing:
         lines += ["", "Not run (no architecture at that budget, or its baseline could not be built):", ""]
         lines += [f"- {m['method']} seed {m['seed']} target {m['target']}: {m['error']}" for m in missing]
@@ -189,17 +221,19 @@ def main(argv):
         runs += r
         missing += m
     rows = aggregate(runs)
+    searched = search_targets(out, FLAGS.seeds)
     command = " ".join(["python"] + sys.argv)
     export.write_json(os.path.join(out, "study.json"), dict(command=command, methods=methods, seeds=FLAGS.seeds,
-                                                            table=rows, runs=runs, missing=missing))
+                                                            table=rows, runs=runs, missing=missing,
+                                                            search_targets=searched))
     with open(os.path.join(out, "study.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(rows, missing, command))
+        f.write(markdown(rows, missing, command, searched))
     series = {m: [dict(params=r["params_nonzero"], top1=r["top1_mean"], top1_std=r["top1_std"],
                        label=f"{r['target']:,}") for r in rows if r["method"] == m] for m in methods}
     reports.plot_accuracy_vs_params({k: v for k, v in series.items() if v},
                                     os.path.join(out, "accuracy_vs_params.png"),
                                     f"{config.data.name}: {len(FLAGS.seeds)} seed(s)")
-    print(markdown(rows, missing, command))
+    print(markdown(rows, missing, command, searched))
 
 
 if __name__ == "__main__":

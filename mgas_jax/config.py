@@ -249,11 +249,16 @@ SCHEMA["search"] = {
     "lambda_n": Field(int, positive, "n of the lambda rule: >= 4n pruned backs off, < 2n pushes"),
     "lambda_cap": Field(float, positive, "upper bound of lambda"),
     "warmup_epochs": Field(int, non_negative, "weight-only epochs at each stage start"),
-    "commit_every": Field(int, positive, "epochs between mask commits"),
+    "first_commit_after": Field(int, positive, "pruning epochs of a phase before its first mask commit"),
+    "commit_every": Field(int, positive, "epochs between mask commits after the first"),
     "stage_size_ratio": Field(float, fraction, "a stage ends below ratio x its starting size"),
     "max_stage_epochs": Field(int, positive, "cap on the pruning epochs of a stage"),
     "final_size_floor": Field(int, non_negative, "the final phase ends below this size proxy"),
     "final_max_epochs": Field(int, positive, "cap on the epochs of the final phase"),
+    "budget_commits": Field(bool, None, "final phase: partial commits that land a record just below each "
+                            "export target (False: plain commits to the floor, as the released code)"),
+    "budget_window": Field(float, in_range(0, 1, low_open=True), "a target's record aims at "
+                           "[budget_window x target, target]"),
     "regrow_fraction": Field(float, in_range(0, 1), "share of a stage's pruned ops regrown after stages 2, 3"),
     "bilevel": Field(bool, None, "first-order bilevel variant (arch steps on the validation split)"),
     "filter_level": Field(bool, None, "search filters (False: operation level only)"),

@@ -232,14 +232,27 @@ def check_masks(expected_tree: dict, masks_flat: dict, where: str) -> None:
 def make_record(spec: supernet.SuperNetSpec, masks: dict, input_shape, *, index: int, epoch: int, config: dict,
                 seed: int, val_accuracy: float, stem_channels: int) -> dict:
     """The JSON record of the current architecture (see module doc)."""
-    cells = derive_cells(spec, masks)
-    rec = dict(format=FORMAT, index=int(index), epoch=int(epoch), seed=int(seed), config=config,
-               num_classes=int(spec.num_classes), stem_channels=int(stem_channels),
-               input_shape=[int(s) for s in input_shape], cells=genotype_lib.cells_to_json(cells),
-               counts=pruning.count_units(dataclasses.replace(spec, cells=cells), masks),
+    rec = _derived(spec, masks, input_shape, stem_channels)
+    rec = dict(rec, format=FORMAT, index=int(index), epoch=int(epoch), seed=int(seed), config=config,
+               counts=pruning.count_units(dataclasses.replace(spec, cells=genotype_lib.cells_from_json(rec["cells"])),
+                                          masks),
                val_accuracy=None if val_accuracy != val_accuracy else float(val_accuracy))
     rec["params"] = network_params(rec, derived_masks(masks, rec, weight_level=spec.weight_level))
     return rec
+
+
+def _derived(spec: supernet.SuperNetSpec, masks: dict, input_shape, stem_channels: int) -> dict:
+    """The fields of a record that fix its network: classes, stem, input shape, derived cells."""
+    return dict(num_classes=int(spec.num_classes), stem_channels=int(stem_channels),
+                input_shape=[int(s) for s in input_shape],
+                cells=genotype_lib.cells_to_json(derive_cells(spec, masks)))
+
+
+def record_params(spec: supernet.SuperNetSpec, masks: dict, input_shape, stem_channels: int) -> dict:
+    """{'dense', 'nonzero'} parameters a record of this (committed, dropped and shrunk) state would
+    report, without writing it: what the budget-true final phase aims at (budget.py)."""
+    rec = _derived(spec, masks, input_shape, stem_channels)
+    return network_params(rec, derived_masks(masks, rec, weight_level=spec.weight_level))
 
 
 def write_record(directory: str, record: dict, masks_flat: dict) -> str:

@@ -19,22 +19,26 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
-def op_sparsity(alpha: jax.Array, active: jax.Array, node_of_edge) -> jax.Array:
-    """R_op of one cell: sum over nodes j and active ops (e, o) into j of log(1 + n_j sigma(alpha) / S_j).
+def op_sparsity(alpha: jax.Array, active: jax.Array, node_of_edge, scored: jax.Array | None = None) -> jax.Array:
+    """R_op of one cell: sum over nodes j and counted ops (e, o) into j of log(1 + n_j sigma(alpha) / S_j).
 
-    S_j is the sum of sigma(alpha) over the active ops into node j and n_j their number (the released
-    code takes n_j of every node from node 0's mask; we use each node's own count).
+    n_j is the number of counted ops into node j (the released code takes n_j of nodes 2 and 3 from
+    node 1's edges; we use each node's own count), S_j the sum of sigma(alpha) over the scored ops
+    into j (default: the counted ones).
 
     Args:
-      alpha: (E, O) op scores; active: (E, O) 0/1 committed ops; node_of_edge: (E,) node of each edge.
+      alpha: (E, O) op scores; active: (E, O) 0/1 counted ops (the search passes the live masks);
+      node_of_edge: (E,) node of each edge; scored: (E, O) 0/1 ops whose scores make up S_j (the
+      search passes every committed op, live or not, as the released code sums over all ops).
     Returns:
       scalar.
     """
     node_of_edge = np.asarray(node_of_edge)  # static: it fixes the shapes below
     n_nodes = int(node_of_edge.max()) + 1
-    p = jax.nn.sigmoid(alpha) * active
+    sig = jax.nn.sigmoid(alpha)
+    p = sig * active
     onehot = jax.nn.one_hot(node_of_edge, n_nodes, dtype=p.dtype)  # (E, N)
-    s = jnp.einsum("eo,en->n", p, onehot)
+    s = jnp.einsum("eo,en->n", p if scored is None else sig * scored, onehot)
     n = jnp.einsum("eo,en->n", active, onehot)
     s_e = onehot @ s  # (E,) S of each edge's node
     n_e = onehot @ n

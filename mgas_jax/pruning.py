@@ -40,20 +40,30 @@ def lambda_start(lambda0: float) -> LambdaState:
 
 def lambda_update(s: LambdaState, pruned: int, *, lambda0: float, c0: float, n: int,
                   mean_ce: float, mean_reg: float, cap_factor: float = 1.0, cap: float = 100.0) -> LambdaState:
-    """One update after a commit that pruned `pruned` ops.
+    """One update after a commit that pruned `pruned` ops (mgas-method.md sections 3 and 7).
 
-    if pruned >= 4n: d = lambda0, lambda /= c0; elif pruned < 2n: d *= c0^2, lambda += d; else unchanged.
-    Cap: when the epoch's mean CE is below cap_factor * mean(lambda * R_op), lambda may not grow past
-    its current value; otherwise it is capped at `cap` (cap_factor is 0.5 in the final phase).
+    The bound: when the epoch's mean CE is below cap_factor * mean(lambda * R_op), lambda is capped at
+    its current value (cap_factor is 0.5 in the final phase), otherwise at `cap`.
+    if pruned >= 4n: d = lambda0, lambda /= c0; elif pruned < 2n: unless lambda already sits at the
+    bound, d *= c0^2 and lambda += d; else unchanged; then lambda = min(lambda, bound).
+
+    As in the released code (train_search.py ~531-536), a lambda held at its bound keeps its increment
+    too: growing d on every capped round would let lambda jump by orders of magnitude once the cap lifts.
     """
+    bound = s.lam if mean_ce < cap_factor * mean_reg else cap
     lam, d = s.lam, s.d
     if pruned >= 4 * n:
         d, lam = lambda0, lam / c0
-    elif pruned < 2 * n:
+    elif pruned < 2 * n and lam != bound:
         d = d * c0 ** 2
         lam = lam + d
-    limit = s.lam if mean_ce < cap_factor * mean_reg else cap
-    return LambdaState(min(lam, limit), d)
+    return LambdaState(min(lam, bound), d)
+
+
+def commit_due(pruning_epochs: int, first_after: int, every: int) -> bool:
+    """Whether the epoch that ends a phase's `pruning_epochs`-th pruning epoch commits: the first commit
+    after `first_after` epochs, then one every `every` (train_search.py ~494: 3, then every 2)."""
+    return pruning_epochs >= first_after and (pruning_epochs - first_after) % every == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,12 +360,104 @@ def regrow(spec: SuperNetSpec, key: jax.Array, draws: list[tuple[int, int]]) -> 
     return dataclasses.replace(spec, cells=new_cells), grown
 
 
-def reset_regrown(arch: dict, grown: list) -> dict:
-    """alpha of regrown ops back to 0 (their beta and masks are fresh from initialisation)."""
+def alpha_key(cell_idx: int, o: OpSpec) -> str:
+    """Key of an op's alpha in `Progress.pruned_alpha` (JSON, so it survives checkpoints)."""
+    return f"{cell_idx}/{o.edge}/{o.op_index}"
+
+
+def pruned_alphas(arch: dict, removed: list) -> dict:
+    """{alpha_key: alpha} of ops about to be committed off, read before the commit pushes them to
+    REMOVED_ALPHA: what a regrown op gets back (mgas-method.md section 7)."""
+    return {alpha_key(i, o): float(np.asarray(arch[f"cell_{i}"]["alpha"])[o.edge, o.op_index]) for i, o in removed}
+
+
+def restore_regrown(arch: dict, grown: list, saved: dict) -> dict:
+    """alpha of each regrown op back to its value from before it was pruned (train_search.py ~1137:
+    the released code adds back what pruning subtracted); 0 for an op with no saved value."""
     arch = to_numpy(arch)
     for i, o in grown:
-        arch[f"cell_{i}"]["alpha"][o.edge, o.op_index] = 0.0
+        arch[f"cell_{i}"]["alpha"][o.edge, o.op_index] = saved.get(alpha_key(i, o), 0.0)
     return arch
+
+
+def _even_up(n: int) -> int:
+    return n + (n % 2)
+
+
+def common_width(cell: CellSpec, cell_idx: int, masks: dict, exclude=()) -> int:
+    """The one width the released code gives every op of a cell (model_search.py prune_kernel).
+
+    Per cell: the committed output channels of each preprocess layer and, per node, the most committed
+    output channels of a conv op into it (rounded up to even; a node without conv op repeats the entry
+    before it). Their mean (rounded up to even) if it is >= half the cell's width, else their maximum if
+    that is, else half the width. Here it sizes regrown ops (train_search.py ~1166); the ops already
+    present keep their own committed channels (README, deviation table). Ops at the (edge, op index)
+    pairs in `exclude` (the regrown ones) do not count.
+    """
+    half = cell.width // 2
+    entries = []
+    for pre in ("pre0", "pre1"):
+        path = (f"cell_{cell_idx}", pre, "gate", "beta")
+        n = int(np.sum(_get(masks, path))) if _has(masks, path) else cell.width
+        entries.append(max(_even_up(n), 2))
+    on = active_matrix(cell)
+    if _has(masks, (f"cell_{cell_idx}", "ops")):
+        on = on * np.asarray(_get(masks, (f"cell_{cell_idx}", "ops")))
+    for node in range(cell.steps):
+        counts = [_or(committed_count(masks, cell_idx, o, "sep/unit2" if o.op.startswith("sep") else "dil/unit"),
+                      cell.width if o.out_index is None else len(o.out_index))
+                  for o in cell.ops_into(node)
+                  if o.op in ops.CONV_OPS and on[o.edge, o.op_index] > 0 and (o.edge, o.op_index) not in exclude]
+        best = _even_up(max(counts, default=0))
+        entries.append(best if best > 0 else entries[-1])
+    mean = _even_up(int(sum(entries) / len(entries)))
+    if mean >= half:
+        return mean
+    return max(entries) if max(entries) >= half else half
+
+
+def node_channels(cell: CellSpec, node: int, width: int, exclude=()) -> Optional[tuple]:
+    """The `width` channel positions of a node that its ops write most (ties: lower index first).
+
+    A regrown op writes there, so that it adds to the channels the node already carries. None when
+    `width` is the cell's full width.
+    """
+    if width >= cell.width:
+        return None
+    cover = np.zeros(cell.width)
+    for o in cell.ops_into(node):
+        if (o.edge, o.op_index) not in exclude:
+            cover[list(range(cell.width)) if o.out_index is None else list(o.out_index)] += 1
+    best = sorted(range(cell.width), key=lambda c: (-cover[c], c))[:width]
+    return tuple(sorted(best))
+
+
+def size_regrown(spec: SuperNetSpec, grown: list, masks: dict, full_width_cells=()) -> tuple[SuperNetSpec, list]:
+    """Regrown ops at their cell's common width (`common_width`): sep/dil convs and FactorizedReduce
+    skips write that many channels (`node_channels`), a sep_conv's inner width is the same.
+
+    Cells in `full_width_cells` (the network's last cell, whose output the classifier reads at its
+    full width) keep regrown ops at full width. Returns the new spec and the regrown (cell, OpSpec).
+    """
+    cells = [list(c.ops) for c in spec.cells]
+    fresh = {(i, o.edge, o.op_index) for i, o in grown}
+    widths = {}
+    out = []
+    for i, o in grown:
+        cell = spec.cells[i]
+        exclude = {(e, k) for (c, e, k) in fresh if c == i}
+        if i not in widths:
+            widths[i] = cell.width if i in full_width_cells else common_width(cell, i, masks, exclude)
+        w = widths[i]
+        sized = o
+        if o.op in ops.CONV_OPS or (o.op == "skip_connect" and cell.reduction and o.src < 2):
+            index = node_channels(cell, o.node, w, exclude)
+            mid = None if w >= cell.width or not o.op.startswith("sep") else w
+            sized = dataclasses.replace(o, mid=mid, out_index=index)
+        cells[i] = [sized if (p.edge, p.op_index) == (o.edge, o.op_index) else p for p in cells[i]]
+        out.append((i, sized))
+    new_cells = tuple(dataclasses.replace(c, ops=tuple(ops_)) for c, ops_ in zip(spec.cells, cells))
+    return dataclasses.replace(spec, cells=new_cells), out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,11 +2,15 @@
 
 Variables live in separate collections, which `init` returns as separate pytrees:
 
-- `params`: network weights (conv kernels, BN affine of the stem and heads, classifier);
+- `params`: network weights (conv kernels, the scale and bias of every BatchNorm, classifier);
 - `arch`: architecture parameters: per cell `alpha`, `t_op`, `t_k`, `t_w` (14 x 7 each) and `t_pre` (2,);
   per conv output and preprocess output a `beta` vector;
 - `batch_stats`: BatchNorm running statistics;
 - `masks`: committed 0/1 masks: one per `beta` (filters) and one per sep/dil conv kernel (weights).
+
+BatchNorm in the search ops and preprocess layers is affine, as in the released code (model_search.py
+~102-106, ~193-196): its scale and bias train with the weights (same learning rate and weight decay),
+and physical filter pruning slices them with the rest of the BN state.
 
 Committed op masks are structural: a `SuperNetSpec` lists, per cell, the ops that are still present
 (`CellSpec.ops`), and a committed-off op is simply not built (it costs nothing). Live masks are
@@ -105,7 +109,7 @@ def preprocess(cell: CellSpec, reduction_prev: bool, k: int, filter_level: bool,
     """The preprocess layer of a cell's input k (0: the cell two back, reduced after a reduction cell)."""
     dtype = None if dtype is None else jnp.dtype(dtype)
     return ops.Preprocess(cell.width, reduction_prev and k == 0, (cell.pre0_index, cell.pre1_index)[k],
-                          search=filter_level, affine=False, dtype=dtype, name=name)
+                          search=filter_level, affine=True, dtype=dtype, name=name)
 
 
 class SuperCell(nn.Module):
@@ -153,7 +157,7 @@ def _gated_op(op: str, mid, out_index, width: int, stride: int, impl: str, dtype
     # method (SuperCell's and SuperEdge's): the op's variables are the caller's, under `name`.
     k = ops.OPS.index(op)
     dtype = None if dtype is None else jnp.dtype(dtype)
-    y = ops.Op(op, width, stride, mid=mid, out_index=out_index, search=filter_level, affine=False,
+    y = ops.Op(op, width, stride, mid=mid, out_index=out_index, search=filter_level, affine=True,
                pool_bn=False, masked=weight_level, impl=impl, dtype=dtype, name=name)(x, train, t_k[k], t_w[k])
     return y * g[k].astype(y.dtype)
 

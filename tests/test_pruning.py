@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mgas_jax import budget as B
+from mgas_jax import export
 from mgas_jax import genotype as G
 from mgas_jax import ops
 from mgas_jax import pruning as P
@@ -102,34 +104,51 @@ def test_lambda_update_rules(pruned, lam, d):
 
 def test_lambda_cap():
     start = P.LambdaState(1e-3, 3e-4)
-    # CE below the penalty: lambda may not grow past its current value (d still grows)
+    # CE below the penalty: lambda stays at its current value, and so does its increment d
     s = P.lambda_update(start, 0, **LAM, mean_ce=0.1, mean_reg=0.2)
-    assert s.lam == pytest.approx(1e-3) and s.d == pytest.approx(1.2e-3)
-    # ... but it may shrink
+    assert s.lam == pytest.approx(1e-3) and s.d == pytest.approx(3e-4)
+    # ... but it may shrink (d back to lambda0)
     s = P.lambda_update(start, 60, **LAM, mean_ce=0.1, mean_reg=0.2)
     assert s.lam == pytest.approx(5e-4) and s.d == pytest.approx(1e-5)
     # final phase: the comparison is with cap_factor * mean_reg
     s = P.lambda_update(start, 0, **LAM, mean_ce=0.15, mean_reg=0.2, cap_factor=0.5)
-    assert s.lam == pytest.approx(2.2e-3)
+    assert s.lam == pytest.approx(2.2e-3) and s.d == pytest.approx(1.2e-3)
     s = P.lambda_update(start, 0, **LAM, mean_ce=0.05, mean_reg=0.2, cap_factor=0.5)
-    assert s.lam == pytest.approx(1e-3)
-    # otherwise lambda is capped at `cap`
+    assert s.lam == pytest.approx(1e-3) and s.d == pytest.approx(3e-4)
+    # otherwise lambda is capped at `cap`; d grew on the way there
     s = P.lambda_update(P.LambdaState(99.0, 10.0), 0, **LAM, **NO_CAP)
     assert s.lam == 100.0 and s.d == 40.0
     s = P.lambda_update(P.LambdaState(0.5, 0.4), 0, **LAM, **NO_CAP, cap=1.0)
     assert s.lam == 1.0
+    # a lambda already at `cap` keeps its d (the released code compares lambda with its bound)
+    s = P.lambda_update(P.LambdaState(100.0, 10.0), 0, **LAM, **NO_CAP)
+    assert s.lam == 100.0 and s.d == 10.0
+
+
+def test_lambda_trajectory_while_capped():
+    """Three capped rounds then one free one, by hand: lambda and d both hold while capped, so the
+    round after the cap lifts grows lambda by one step (d x 4), not by 4^4."""
+    s = P.LambdaState(1e-3, 3e-4)
+    for _ in range(3):
+        s = P.lambda_update(s, 0, **LAM, mean_ce=0.1, mean_reg=0.2)
+        assert (s.lam, s.d) == (pytest.approx(1e-3), pytest.approx(3e-4))
+    s = P.lambda_update(s, 0, **LAM, mean_ce=1.0, mean_reg=0.2)
+    assert s.lam == pytest.approx(1e-3 + 1.2e-3) and s.d == pytest.approx(1.2e-3)
+    # the rule that kept growing d while capped would be at 1e-3 + 3e-4 * 4^4 = 7.78e-2 here
+    assert s.lam < 0.1 * (1e-3 + 3e-4 * 4 ** 4)
 
 
 def test_lambda_sequence_of_rounds():
-    """Six commits computed by hand: (pruned, mean CE, mean lambda R_op) -> (lambda, d)."""
+    """Seven commits computed by hand: (pruned, mean CE, mean lambda R_op) -> (lambda, d)."""
     s = P.lambda_start(1e-5)
     rounds = [
         (0, 2.0, 0.0, 4e-5, 4e-5),        # grow: d = 4e-5, lambda = 4e-5
         (10, 2.0, 0.0, 2e-4, 1.6e-4),     # grow: d = 1.6e-4, lambda = 2e-4
         (30, 2.0, 0.0, 2e-4, 1.6e-4),     # 24 <= 30 < 48: unchanged
         (50, 2.0, 0.0, 1e-4, 1e-5),       # too many: lambda halves, d back to lambda0
-        (5, 0.1, 0.5, 1e-4, 4e-5),        # would grow to 1.4e-4, but CE < penalty caps it at 1e-4
-        (5, 2.0, 0.5, 2.6e-4, 1.6e-4),    # grows again: 1e-4 + 1.6e-4
+        (5, 0.1, 0.5, 1e-4, 1e-5),        # CE < penalty: lambda and d hold
+        (5, 2.0, 0.5, 1.4e-4, 4e-5),      # grows again: d = 4e-5, 1e-4 + 4e-5
+        (5, 2.0, 0.5, 3e-4, 1.6e-4),      # and again: d = 1.6e-4
     ]
     for pruned, ce, reg, lam, d in rounds:
         s = P.lambda_update(s, pruned, **LAM, mean_ce=ce, mean_reg=reg)
@@ -506,13 +525,84 @@ def test_regrow_chooses_the_edge_uniformly_and_skips_full_cells():
     assert grown == [] and same == full
 
 
-def test_reset_regrown():
-    arch = {"cell_0": {"alpha": np.full((5, 7), P.REMOVED_ALPHA, np.float32)}}
-    out = P.reset_regrown(arch, [(0, G.OpSpec(1, 2, "dil_conv_3x3"))])
-    expected = np.full((5, 7), P.REMOVED_ALPHA, np.float32)
-    expected[4, idx("dil_conv_3x3")] = 0.0
+def test_regrown_ops_get_back_their_alpha_from_before_the_pruning(net):
+    """pruned_alphas reads alpha before the commit pushes it to REMOVED_ALPHA; restore_regrown puts it
+    back (0 for an op with nothing saved)."""
+    spec, _ = net
+    v, expect = commit_case(net)
+    v["arch"]["cell_0"]["alpha"][2, idx("sep_conv_3x3")] = -0.7
+    res = P.commit(spec, v["params"], v["arch"], v["masks"])
+    saved = P.pruned_alphas(v["arch"], res.removed)
+    assert len(saved) == 16 and saved["0/2/1"] == pytest.approx(-0.7) and "0/1/5" not in saved  # protected
+    assert saved["0/0/0"] == 0.0
+    grown = [(0, G.OpSpec(1, 0, "sep_conv_3x3")), (2, G.OpSpec(1, 2, "dil_conv_3x3"))]
+    out = P.restore_regrown(res.arch, grown, saved)
+    expected = np.array(res.arch["cell_0"]["alpha"])
+    expected[2, idx("sep_conv_3x3")] = -0.7
     np.testing.assert_array_equal(out["cell_0"]["alpha"], expected)
-    assert arch["cell_0"]["alpha"][4, idx("dil_conv_3x3")] == P.REMOVED_ALPHA
+    assert out["cell_2"]["alpha"][4, idx("dil_conv_3x3")] == 0.0        # never pruned: nothing saved
+    assert res.arch["cell_0"]["alpha"][2, idx("sep_conv_3x3")] == P.REMOVED_ALPHA  # input untouched
+
+
+def test_common_width_follows_the_released_rule():
+    """Entries: pre0, pre1 (committed, up to even, at least 2), per node the most committed outputs of a
+    conv op (up to even; none: the entry before). Mean (up to even) if >= C/2, else the max if >= C/2,
+    else C/2. C = 8 here, 2 nodes: entries [pre0, pre1, node 0, node 1]."""
+    cell = S.full_cell(8, False, STEPS)
+    sep, dil = G.OpSpec(0, 0, "sep_conv_3x3"), G.OpSpec(1, 2, "dil_conv_3x3")
+
+    def masks(pre0, pre1, sep_out, dil_out, conv_on=True, width=8):
+        on = lambda n: (np.arange(width) < n).astype(float)
+        ops_mask = S.active_matrix(cell)
+        if not conv_on:
+            for o in cell.ops:
+                if o.op in ops.CONV_OPS:
+                    ops_mask[o.edge, o.op_index] = 0.0
+        m = {"ops": ops_mask, "pre0": {"gate": {"beta": on(pre0)}}, "pre1": {"gate": {"beta": on(pre1)}}}
+        for o in cell.ops:
+            if o.op in ops.CONV_OPS:
+                n = sep_out if o == sep else dil_out if o == dil else 1
+                unit = ("sep", "unit2") if o.op.startswith("sep") else ("dil", "unit")
+                m[S.op_name(o)] = {unit[0]: {unit[1]: {"gate": {"beta": on(n)}}}}
+        return {"cell_0": m}
+
+    # [8, 6, 6, 8] (node 0's max 5 -> 6): mean 7 -> 8 >= 4
+    assert P.common_width(cell, 0, masks(8, 6, 5, 8)) == 8
+    # [2, 2, 2, 6]: mean 3 -> 4 >= 4
+    assert P.common_width(cell, 0, masks(1, 0, 2, 5)) == 4
+    # [2, 2, 2, 2]: mean 2 < 4, max 2 < 4: half the width
+    assert P.common_width(cell, 0, masks(2, 2, 1, 1)) == 4
+    # C = 16: [2, 2, 2, 10]: mean 4 < 8, max 10 >= 8
+    assert P.common_width(S.full_cell(16, False, STEPS), 0, masks(2, 2, 2, 10, width=16)) == 10
+    # the regrown ops themselves do not count: without the dil_conv of node 1, [2, 2, 2, 2]
+    assert P.common_width(S.full_cell(16, False, STEPS), 0, masks(2, 2, 2, 10, width=16),
+                          exclude={(dil.edge, dil.op_index)}) == 8
+    # no committed conv op: every node repeats pre1's entry: [6, 4, 4, 4] -> mean 4.5 -> int 4 >= 4
+    assert P.common_width(cell, 0, masks(6, 4, 8, 8, conv_on=False)) == 4
+
+
+def test_regrown_ops_take_the_common_width_at_the_node_channels_used_most():
+    spec = pruned_spec()   # cell 0: sep_conv_5x5 of edge 0 writes channels (0, 3); C = 4
+    draws = [(0, idx("sep_conv_3x3")), (2, idx("dil_conv_5x5"))]
+    new, grown = P.regrow(spec, jax.random.key(0), draws)
+    (_, o0), _ = grown
+    masks = {"cell_0": {"pre0": {"gate": {"beta": np.array([1.0, 0, 0, 0])}},
+                        "pre1": {"gate": {"beta": np.array([1.0, 0, 0, 0])}}}}
+    # cell 0 entries [2, 2, 4, 4] (no filter masks: conv ops count their written channels): mean 3 -> 4
+    # = C: full width; cell 2 is the network's last cell: full width too
+    sized_spec, sized = P.size_regrown(new, grown, masks, full_width_cells=(2,))
+    assert [o for _, o in sized] == [o for _, o in grown]
+    # narrower: every conv op of cell 0 writes 2 channels -> entries [2, 2, 2, 2] -> C/2 = 2
+    narrow = dataclasses.replace(new.cells[0], ops=tuple(
+        dataclasses.replace(o, out_index=(0, 3), mid=2) if o.op in ops.CONV_OPS and o != o0 else o
+        for o in new.cells[0].ops))
+    spec2 = dataclasses.replace(new, cells=(narrow,) + new.cells[1:])
+    sized_spec, sized = P.size_regrown(spec2, grown, masks, full_width_cells=(2,))
+    (_, s0), (_, s2) = sized
+    assert s0.mid == 2 and len(s0.out_index) == 2 and s2 == grown[1][1]
+    # the node's ops all write 0 and 3 (the pools and skips write all four): those two
+    assert s0.out_index == (0, 3)
+    assert s0 in sized_spec.cells[0].ops and o0 not in sized_spec.cells[0].ops
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -543,7 +633,8 @@ def test_graft_onto_a_regrown_supernet(net):
     fresh = jax.tree.map(lambda x: x + 1.0, variables["params"])
     out = P.graft(fresh, old["params"])
     for path, leaf in leaves(out).items():
-        if path[:2] in (("cell_0", "op_0_1_sep_conv_3x3"), ("cell_0", "pre0")):
+        # the regrown op, and pre0's kernel of another shape (its affine BN keeps its shape: carried)
+        if path[:2] == ("cell_0", "op_0_1_sep_conv_3x3") or path[:3] == ("cell_0", "pre0", "conv"):
             np.testing.assert_array_equal(leaf, get(fresh, path))
         else:
             np.testing.assert_array_equal(leaf, get(variables["params"], path))
@@ -772,3 +863,113 @@ def test_op_level_only_commit_size_and_shrink():
     assert P.count_units(res.spec, {}) == dict(ops=104, filters=0, filters_total=0, weights=0, weights_total=0)
     same, trees = P.shrink(res.spec, {"params": {}, "arch": res.arch, "batch_stats": {}, "masks": {}})
     assert same == res.spec
+
+
+# ---------------------------------------------------------------------------------------------------
+# budget-true final phase: partial commits (budget.py)
+# ---------------------------------------------------------------------------------------------------
+
+COSTS = np.array([100, 50, 400, 30, 20, 10])
+
+
+def cost_size(chosen):
+    """A hand-made size: 1000 minus what each committed unit removes."""
+    return 1000 - int(COSTS[np.asarray(chosen, int)].sum())
+
+
+@pytest.mark.parametrize("target, low, chosen", [
+    (870, 800, [0, 1]),        # 900, 850: the shortest prefix at or below the target
+    (830, 800, [0, 1, 3]),     # unit 2 alone jumps 850 -> 450: left out, the prefix goes on past it
+    (860, 855, [0, 3, 5]),     # 850 < 855 leaves out unit 1, then 2, then 4: 1000 - 100 - 30 - 10
+    (999, 900, [0]),
+])
+def test_choose_units_takes_the_furthest_below_first_and_lands_in_the_window(target, low, chosen):
+    margin = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    got = B.choose_units(margin, cost_size, target, low)
+    assert got.tolist() == chosen
+    assert low <= cost_size(got) <= target
+    # the order is by shortfall, not by position
+    perm = np.array([3, 0, 5, 1, 4, 2])
+    got = B.choose_units(margin[perm], lambda c: cost_size(perm[np.asarray(c, int)]), target, low)
+    assert sorted(perm[got].tolist()) == chosen
+
+
+def test_choose_units_when_the_window_cannot_be_hit():
+    margin = np.linspace(1.0, 0.5, 6)
+    assert B.choose_units(margin, cost_size, 300, 270) is None  # every unit: 390 > 300
+    # one skip allowed, and no selection found lands in [845, 848]: the closest below the target is kept
+    got = B.choose_units(margin, cost_size, 848, 845, max_skips=1)
+    assert cost_size(got) <= 848
+
+
+def test_off_units_shortfalls_by_hand(net):
+    """The units a commit switches off, each with (t - s) / t in its own granularity's units."""
+    spec, _ = net
+    v, expect = commit_case(net)
+    full = P.commit(spec, v["params"], v["arch"], v["masks"], remove=False)
+    units = B.off_units(spec, v["params"], v["arch"], v["masks"], full)
+    assert len(units) == 16 + expect["filters_off"] + expect["weights_off"]
+    assert units.ops == full.removed
+    sig = lambda x: 1.0 / (1.0 + math.exp(-x))
+    by_op = dict(zip([(i, o.edge, o.op_index) for i, o in units.ops], units.margin[:16]))
+    assert by_op[(0, 0, 0)] == pytest.approx((0.6 - 0.5) / 0.6)
+    assert (0, 1, idx("avg_pool_3x3")) not in by_op  # protected: stays on
+    leaves_ = dict((p, (idx_, m)) for (p, idx_), m in zip(units.leaves, np.split(
+        units.margin[16:], np.cumsum([i.size for _, i in units.leaves])[:-1])))
+    sep = ("cell_1", "op_0_0_sep_conv_3x3", "sep")
+    idx1, m1 = leaves_[sep + ("unit1", "gate", "beta")]
+    assert idx1.tolist() == [3, 5]
+    np.testing.assert_allclose(m1, [(0.5 - sig(-1.0)) / 0.5, 0.0], atol=1e-7)
+    idx2, m2 = leaves_[sep + ("unit2", "gate", "beta")]
+    assert idx2.tolist() == [0] and m2[0] == pytest.approx((0.5 - sig(-2.0)) / 0.5)
+    idx3, m3 = leaves_[("cell_1", "pre1", "gate", "beta")]
+    assert idx3.tolist() == [0] and m3[0] == pytest.approx((0.5 - sig(-1.0)) / 0.5)
+    dil = v["params"]["cell_2"]["op_1_2_dil_conv_3x3"]["dil"]["unit"]
+    for k in ("dw", "pw"):
+        i_w, m_w = leaves_[("cell_2", "op_1_2_dil_conv_3x3", "dil", "unit", k, "kernel")]
+        w = np.abs(dil[k]["kernel"]).ravel()
+        np.testing.assert_allclose(m_w, (0.2 - w[i_w]) / 0.2, rtol=1e-5)
+        assert np.all((0 <= m_w) & (m_w <= 1))
+    # all of them applied = the full commit; none = the state before
+    arch, masks = B.apply_units(spec, v["arch"], v["masks"], units, np.arange(len(units)))
+    chex.assert_trees_all_equal(masks, full.masks)
+    chex.assert_trees_all_equal(arch, full.arch)
+    arch, masks = B.apply_units(spec, v["arch"], v["masks"], units, np.array([], int))
+    chex.assert_trees_all_equal(masks, P.to_numpy(v["masks"]))
+
+
+def test_partial_commit_lands_the_exported_size_just_below_a_target(net):
+    """From the hand-made gates of commit_case: the exported non-zero count of the partly committed,
+    dropped and shrunk state lands in a narrow window below a target between the sizes before and after."""
+    spec, _ = net
+    v, _ = commit_case(net)
+    full = P.commit(spec, v["params"], v["arch"], v["masks"], remove=False)
+    units = B.off_units(spec, v["params"], v["arch"], v["masks"], full)
+
+    def size_of(chosen):
+        arch, masks = B.apply_units(spec, v["arch"], v["masks"], units, chosen)
+        trees = dict(params=v["params"], arch=arch, batch_stats=v["batch_stats"], masks=masks)
+        dropped, trees = P.drop_committed_off(spec, trees)
+        shrunk, trees = P.shrink(dropped, trees)
+        return export.record_params(shrunk, trees["masks"], INPUT, 3 * C)["nonzero"]
+
+    before, after = size_of(np.array([], int)), size_of(np.arange(len(units)))
+    assert after < before - 1000
+    # a window far narrower than the whole commit (1/20 of it), so that only a partial commit lands in it
+    target = (before + after) // 2
+    low = target - (before - after) / 20
+    chosen = B.choose_units(units.margin, size_of, target, low)
+    assert after < low <= size_of(chosen) <= target
+    assert 0 < len(chosen) < len(units)
+    # the chosen units are the furthest below their thresholds (no unit had to be left out here)
+    assert units.margin[chosen].min() >= np.delete(units.margin, chosen).max()
+
+
+@pytest.mark.parametrize("first, every, commits", [
+    (3, 2, [3, 5, 7, 9]),      # the released code: epochs 0, 1, 2 of a phase, then every 2
+    (2, 2, [2, 4, 6, 8]),
+    (1, 1, [1, 2, 3, 4, 5, 6, 7, 8, 9]),
+    (2, 3, [2, 5, 8]),
+])
+def test_commit_timing(first, every, commits):
+    assert [e for e in range(1, 10) if P.commit_due(e, first, every)] == commits
