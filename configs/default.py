@@ -38,6 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
     # 50k and report the test split. The search holds out a validation split (section 4).
     data.val_size = 0
     data.train_fraction = 1.0      # share of the (remaining) training split used, class-balanced
+    # digits only: 0 = the fixed stratified 80/20 test split; k >= 2 = a stratified k-fold split of all
+    # 1797 images whose fold `fold` is the test split and the other k-1 folds the training split
+    # (validation is held out of those). `fold_repeat` seeds the assignment: repetition r of the k-fold
+    # split tests every image once (experiments/digits_study.py runs folds x repetitions x seeds).
+    data.folds = 0
+    data.fold = 0
+    data.fold_repeat = 0
     data.image_size = 32           # model input side; used by imagenet (resize) and synthetic
     data.num_classes = 10          # classes of 'synthetic'; the other data sets know their own
     data.synthetic_size = 1024     # examples per split of 'synthetic'
