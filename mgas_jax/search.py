@@ -1,6 +1,6 @@
 """The MGAS search loop: stages of growing depth, warm-up, commits, regrowth, the final phase.
 
-Read top to bottom, `search(config, workdir)` is the whole experiment (mgas-method.md sections 3-5):
+Read top to bottom, `search(config, workdir)` is the whole experiment (docs/method.md sections 3-5):
 
     for stage in 1, 2, 3, final:
         build the sub-net of the stage (earlier cells keep their state), reset thresholds, lambda = 0
@@ -146,7 +146,7 @@ class Searcher:
         `overrides` (collection -> numpy tree) replaces carried-over leaves first (e.g. sliced by a
         shrink or with new commits). `grows`: the new structure has tensors the old one lacks (new
         cells, a new head, regrown ops), which are initialised fresh. With new_optimizer=True (stage starts) the optimizer state starts
-        at zero; otherwise the momentum of every unchanged tensor carries over (mgas-method.md
+        at zero; otherwise the momentum of every unchanged tensor carries over (docs/method.md
         section 5: the optimizer state must follow every structural change).
         """
         old = {"params": state.params, "arch": state.arch, "batch_stats": state.batch_stats, "masks": state.masks}

@@ -3,7 +3,7 @@
 `make_step(spec, tx, ...)` returns `(state, batch, key, lam, flags) -> (state, metrics)`, one XLA
 program or a chain of per-cell (per-edge) programs with the same values; `make_eval_step` the
 evaluation of a structure. Nothing here decides anything between steps: the stages, commits and
-regrowth around it are search.py's (mgas-method.md sections 3-5).
+regrowth around it are search.py's (docs/method.md sections 3-5).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class SearchState:
 # Optimisers: one per parameter group, routed by optax.partition
 
 def param_labels(trainable: dict) -> dict:
-    """'weights' for every network weight; arch leaves by name (mgas-method.md section 4)."""
+    """'weights' for every network weight; arch leaves by name (docs/method.md section 4)."""
     def label(path, _):
         if path[0].key == "params":
             return "weights"
@@ -80,7 +80,7 @@ def arch_momentum(opt_state, spec: supernet.SuperNetSpec) -> list:
 # Loss and step
 
 def regularizers(arch: dict, masks: dict, spec: supernet.SuperNetSpec) -> tuple[jax.Array, jax.Array]:
-    """(R_op, R_thr) over the committed ops of the built cells (mgas-method.md section 3)."""
+    """(R_op, R_thr) over the committed ops of the built cells (docs/method.md section 3)."""
     r_op = r_thr = jnp.float32(0.0)
     for i, cell in enumerate(spec.cells):
         a = arch[f"cell_{i}"]
