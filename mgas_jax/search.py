@@ -330,12 +330,12 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------------------------
 # The search
 
+@config_lib.validates
 def search(config, workdir: str) -> dict:
     """Runs (or resumes) the MGAS search in `workdir` and exports the target architectures.
 
     Returns the export summary: {target: path of its JSON}, plus the run's records.
     """
-    config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     s = Searcher(config, workdir)
     cfg = s.cfg
