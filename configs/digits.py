@@ -52,12 +52,13 @@ def get_config():
     config.search.threshold_lr = 1.0
     config.search.weight_threshold_lr = 0.01
     config.search.warmup_epochs = 1
-    config.search.commit_every = 1
+    config.search.first_commit_after = 2  # the released code's 3-then-2, at this schedule's pace of one
+    config.search.commit_every = 1         # commit per epoch: the first one epoch later than the rest
     config.search.lambda0 = 1e-3       # the search is short: start the penalty where it already bites
     config.search.lambda_n = 2         # ~2-4 ops per round is the intended pace on 3 small cells
     config.search.stage_size_ratio = 0.5
     config.search.max_stage_epochs = 4
-    config.search.final_max_epochs = 4
+    config.search.final_max_epochs = 6  # the phase ends earlier once every target has its record
     config.search.final_size_floor = 0
     config.search.keep_checkpoints = 2
     config.export.targets = (60_000, 55_000, 20_000)  # where this schedule's final-phase records lie

@@ -29,6 +29,7 @@ def get_config():
     config.search.eval_batch_size = 64
     config.search.steps_per_epoch = 2
     config.search.warmup_epochs = 1
+    config.search.first_commit_after = 1  # a commit at every pruning epoch
     config.search.max_stage_epochs = 2
     config.search.final_max_epochs = 2
     config.search.progress = False

@@ -5,10 +5,14 @@ Read top to bottom, `search(config, workdir)` is the whole experiment (docs/meth
     for stage in 1, 2, 3, final:
         build the sub-net of the stage (earlier cells keep their state), reset thresholds, lambda = 0
         warm-up epochs: weights only
-        prune: one-level epochs; every `commit_every` epochs commit live masks, update lambda
-        stage end (size < stage_size_ratio x the stage's start size): shrink channels physically;
-        after stages 2 and 3: one epoch with frozen masks, then regrow 20 % of the stage's pruned ops
-    final phase: commits (with shrinking) until no op can go or the size floor; each commit is recorded
+        prune: one-level epochs; commit live masks after `first_commit_after` epochs, then every
+            `commit_every`; update lambda
+        stage end (size of cells 0..end < stage_size_ratio x its value at the stage start):
+        after stages 2 and 3: one epoch with frozen masks, regrow 20 % of the stage's pruned ops; then
+        shrink channels physically
+    final phase: commits (with shrinking) until no op can go or the size floor; each commit is recorded;
+        with search.budget_commits a commit that would cross an export target lands just below it
+        (budget.py), and the phase ends once every target has its record
     export: the first recorded architecture at or below each target size
 
 The jit-compiled step (search_step.py) is a pure function of (state, batch, key, lambda, flags); every decision between
@@ -29,13 +33,14 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from mgas_jax import checkpoint as ckpt_lib
 from mgas_jax import config as config_lib
 from mgas_jax import data as data_lib
 from mgas_jax import export as export_lib
-from mgas_jax import parallel, pruning, supernet
+from mgas_jax import budget, parallel, pruning, supernet
 from mgas_jax import search_step as step_lib
 from mgas_jax.search_step import SearchState
 from mgas_jax.genotype import cells_from_json, cells_to_json
@@ -53,7 +58,7 @@ class Progress:
     phase_epochs: int = 0          # epochs finished in the current phase
     lam: float = 0.0
     lam_d: float = 0.0
-    size_start: int = 0            # size proxy of the stage's cells at the stage start
+    size_start: int = 0            # size proxy of cells 0..end of the stage at the stage start
     pruned_in_stage: int = 0
     commits: int = 0
     cells: list = dataclasses.field(default_factory=list)   # JSON cells of the current spec
@@ -66,6 +71,9 @@ class Progress:
     partial: Optional[dict] = None # the metric sums of those batches
     lr_scale: float = 1.0          # every group's learning rate x this (lowered by nan_policy=rollback)
     rollbacks: int = 0
+    pruned_alpha: dict = dataclasses.field(default_factory=dict)  # alpha of committed-off ops from before
+    targets: dict = dataclasses.field(default_factory=dict)       # budget commits: str(target) -> record
+                                                                  # index, or why it has none
 
 
 Preempted = ckpt_lib.Preempted  # raised after a SIGTERM once the search has checkpointed where it stood
@@ -80,16 +88,24 @@ def stage_cells(layers: int, stage: int) -> range:
     return {1: range(0, r1), 2: range(r1, r2), 3: range(r2, layers), FINAL: range(0, layers)}[stage]
 
 
+def stage_size(spec: supernet.SuperNetSpec, masks: dict) -> int:
+    """The measure a stage ends on: the size proxy of cells 0 .. end of the stage, i.e. every built
+    cell, not only the stage's own (train_search.py ~455-457, ~708; docs/method.md section 7)."""
+    return pruning.size_proxy(spec, masks, range(len(spec.cells)))
+
+
 def built_cells(layers: int, stage: int) -> int:
     return stage_cells(layers, min(stage, 3)).stop
 
 
 def make_spec(cfg, num_classes: int, cells: tuple, stage: int) -> supernet.SuperNetSpec:
+    # R_op penalises the current stage's cells only in stages 2 and 3 (docs/method.md section 7)
+    penalised = tuple(stage_cells(cfg.layers, stage)) if stage in (2, 3) else None
     return supernet.SuperNetSpec(
         cells=tuple(cells), num_classes=num_classes, stem_channels=cfg.stem_multiplier * cfg.init_channels,
         head="classifier" if stage >= 3 else "stage", impl=cfg.impl, remat=cfg.remat,
         dtype=None if cfg.dtype == "float32" else cfg.dtype,
-        filter_level=cfg.filter_level, weight_level=cfg.weight_level)
+        filter_level=cfg.filter_level, weight_level=cfg.weight_level, penalised=penalised)
 
 
 def search_data_config(config):
@@ -124,6 +140,8 @@ class Searcher:
         # mode=all can change the retraining or the targets and still resume its search).
         full = config_lib.semantic_dict(config)
         self.semantic = {k: full[k] for k in ("seed", "data", "search") if k in full}
+        if self.cfg.budget_commits:  # then the targets steer the final phase
+            self.semantic["export_targets"] = [int(t) for t in config.export.targets]
         self.config_hash = hashlib.sha256(json.dumps(self.semantic, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
     # -- structure ------------------------------------------------------------------------------
@@ -369,10 +387,47 @@ def search(config, workdir: str) -> dict:
     s.writer.close()
     summary = export_lib.export_targets(os.path.join(workdir, "records"), progress.records,
                                         list(config.export.targets), os.path.join(workdir, "export"))
-    result = dict(summary=summary, epochs=progress.epoch, compiles=progress.compiles,
+    targets = target_summary(progress, summary, list(config.export.targets), cfg.budget_window)
+    result = dict(summary=summary, targets=targets, epochs=progress.epoch, compiles=progress.compiles,
                   compile_seconds=round(progress.compile_seconds, 1), log=progress.log, records=progress.records)
     export_lib.write_json(os.path.join(workdir, "search_result.json"), result)
+    if jax.process_index() == 0:
+        print(targets_table(targets, config.seed), flush=True)
     return result
+
+
+def target_summary(progress: Progress, summary: dict, targets: list, window: float) -> dict:
+    """Per target: the exported record's non-zero parameters, their ratio to the target and its
+    validation accuracy, and `why` when there is no record in [window x target, target]."""
+    out = {}
+    for t in targets:
+        entry, note = summary.get(str(t), {}), progress.targets.get(str(int(t)), {})
+        if "index" not in entry:
+            out[str(t)] = dict(params_nonzero=None, val_accuracy=None, why=note.get("why") or entry.get("error"))
+            continue
+        rec = progress.records[entry["index"]]
+        n = rec["params"]["nonzero"]
+        row = dict(params_nonzero=n, ratio=round(n / t, 4), val_accuracy=rec["val_accuracy"], record=entry["index"])
+        if n < window * t:
+            row["why"] = note.get("why") or (f"the first record at or below {t} has {n} non-zero parameters "
+                                             f"({n / t:.3f} x); search.budget_commits = True aims the final "
+                                             f"phase at the targets")
+        out[str(t)] = row
+    return out
+
+
+def targets_table(targets: dict, seed: int) -> str:
+    """The console's view of `target_summary`: one line per target."""
+    lines = [f"search summary (seed {seed}): target, exported non-zero params, / target, val accuracy"]
+    for t, row in targets.items():
+        if row["params_nonzero"] is None:
+            lines.append(f"  {int(t):>9,}  no record: {row['why']}")
+            continue
+        acc = row["val_accuracy"]
+        acc = "-" if acc is None or acc != acc else f"{acc:.4f}"
+        lines.append(f"  {int(t):>9,}  {row['params_nonzero']:>9,}  {row['ratio']:.3f}  {acc}"
+                     + (f"  ({row['why']})" if row.get("why") else ""))
+    return "\n".join(lines)
 
 
 def start_stage(s: Searcher, state: SearchState, progress: Progress, all_cells) -> tuple[SearchState, Progress]:
@@ -388,8 +443,7 @@ def start_stage(s: Searcher, state: SearchState, progress: Progress, all_cells) 
                       overrides={"arch": arch})
     lam = pruning.lambda_start(cfg.lambda0)
     progress.lam, progress.lam_d = lam.lam, lam.d
-    progress.size_start = pruning.size_proxy(spec, jax.device_get(state.masks),
-                                             stage_cells(cfg.layers, progress.stage))
+    progress.size_start = stage_size(spec, jax.device_get(state.masks))
     progress.pruned_in_stage = 0
     progress.phase = "warmup" if cfg.warmup_epochs > 0 else "prune"
     progress.phase_epochs = 0
@@ -405,40 +459,130 @@ def after_epoch(s: Searcher, state: SearchState, progress: Progress, stats: dict
             progress.phase, progress.phase_epochs = "prune", 0
         return state, progress
     if progress.phase == "regrow":
+        # the released order: the regrowth epoch, regrow, then shrink (train_search.py ~783-797)
         state, progress = regrow_stage(s, state, progress)
+        state, progress = shrink_now(s, state, progress)
         return next_stage(progress, state)
     # prune phase
-    if progress.phase_epochs % cfg.commit_every:
+    if not pruning.commit_due(progress.phase_epochs, cfg.first_commit_after, cfg.commit_every):
         return state, progress
     spec = s.spec_of(progress)
     final = progress.stage == FINAL
+    if final:
+        return final_round(s, spec, state, progress, stats)
     state, progress, pruned = commit_round(s, spec, state, progress, stats, final)
     spec = s.spec_of(progress)
     masks = jax.device_get(state.masks)
-    if final:
-        state, progress = shrink_now(s, state, progress)
-        spec = s.spec_of(progress)
-        record_commit(s, spec, state, progress)
-        size = pruning.size_proxy(spec, jax.device_get(state.masks))
-        prunable = any(len(c.ops_into(j)) > 1 for c in spec.cells for j in range(c.steps))  # all committed
-        if not prunable or size < cfg.final_size_floor or progress.phase_epochs >= cfg.final_max_epochs:
-            why = ("no op left to prune" if not prunable else
-                   f"size proxy {size} < floor {cfg.final_size_floor}" if size < cfg.final_size_floor else
-                   f"search.final_max_epochs = {cfg.final_max_epochs} reached")
-            _log(progress, f"final phase ends: {why}")
-            progress.phase = "done"
-        return state, progress
-    size = pruning.size_proxy(spec, masks, stage_cells(cfg.layers, progress.stage))
+    size = stage_size(spec, masks)
     target = cfg.stage_size_ratio * progress.size_start
     if size < target or progress.phase_epochs >= cfg.max_stage_epochs:
         why = f"size proxy {size} < {target:.0f}" if size < target else f"search.max_stage_epochs = {cfg.max_stage_epochs}"
         _log(progress, f"stage {progress.stage} ends ({why})")
-        state, progress = shrink_now(s, state, progress)
         if progress.stage in (2, 3) and cfg.regrow_fraction > 0:
             progress.phase, progress.phase_epochs = "regrow", 0
             return state, progress
+        state, progress = shrink_now(s, state, progress)
         return next_stage(progress, state)
     return state, progress
+
+
+def final_round(s: Searcher, spec, state: SearchState, progress: Progress, stats: dict):
+    """A final-phase commit (whole, or aimed at the next target: `budget_commit`), the shrink, the
+    record, and whether the phase ends."""
+    cfg = s.cfg
+    result, target = budget_commit(s, spec, state, progress) if cfg.budget_commits else (None, None)
+    state, progress, _ = commit_round(s, spec, state, progress, stats, True, result)
+    state, progress = shrink_now(s, state, progress)
+    spec = s.spec_of(progress)
+    rec = record_commit(s, spec, state, progress)
+    if target is not None:
+        _settle(progress, target, rec, cfg.budget_window)
+    size = pruning.size_proxy(spec, jax.device_get(state.masks))
+    prunable = any(len(c.ops_into(j)) > 1 for c in spec.cells for j in range(c.steps))  # all committed
+    targets = [int(t) for t in s.config.export.targets]
+    settled = cfg.budget_commits and all(str(t) in progress.targets for t in targets)
+    if settled or not prunable or size < cfg.final_size_floor or progress.phase_epochs >= cfg.final_max_epochs:
+        why = ("every export target has its record" if settled else
+               "no op left to prune" if not prunable else
+               f"size proxy {size} < floor {cfg.final_size_floor}" if size < cfg.final_size_floor else
+               f"search.final_max_epochs = {cfg.final_max_epochs} reached")
+        _log(progress, f"final phase ends: {why}")
+        progress.phase = "done"
+        if cfg.budget_commits:
+            for t in targets:
+                progress.targets.setdefault(str(t), dict(why=(
+                    f"the final phase ended ({why}) with {rec['params']['nonzero']} non-zero parameters, above "
+                    f"{t}: let it prune further (raise search.final_max_epochs, or search.lambda0)")))
+    return state, progress
+
+
+def _settle(progress: Progress, target: int, rec: dict, window: float) -> None:
+    """Remember the record made for `target`, or why it misses [window x target, target]."""
+    n = rec["params"]["nonzero"]
+    if window * target <= n <= target:
+        progress.targets[str(target)] = dict(record=rec["index"])
+        return
+    progress.targets[str(target)] = dict(record=rec["index"], why=(
+        f"the partial commit for {target} reached {n} non-zero parameters ({n / target:.3f} x the target), "
+        f"outside [{window}, 1]: single units (whole ops) remove more than the window; lower "
+        f"search.budget_window or commit more often (search.commit_every)"))
+
+
+def budget_commit(s: Searcher, spec, state: SearchState, progress: Progress):
+    """The commit of this final-phase round, aimed at export.targets (budget.py).
+
+    When the whole commit would take the exported non-zero count below a target that has no record
+    yet, only the units furthest below their thresholds are committed, as many as land the count in
+    [budget_window x target, target]. Targets already above the count before the commit can no longer
+    be hit: the current state is recorded for them when it lies in their window, else the reason is
+    kept. Returns (the commit to apply, the target it aims at or None).
+    """
+    cfg = s.cfg
+    get = lambda x: pruning.to_numpy(jax.device_get(x))
+    params, arch, masks, batch_stats = get(state.params), get(state.arch), get(state.masks), get(state.batch_stats)
+    full = pruning.commit(spec, params, arch, masks, remove=False)
+    units = budget.off_units(spec, params, arch, masks, full)
+    sizes: dict = {}
+
+    def size_of(chosen) -> int:
+        chosen = np.sort(np.asarray(chosen, int))
+        key = chosen.tobytes()
+        if key not in sizes:
+            a, m = budget.apply_units(spec, arch, masks, units, chosen)
+            dropped, trees = pruning.drop_committed_off(spec, dict(params=params, arch=a, batch_stats=batch_stats,
+                                                                   masks=m))
+            shrunk, trees = pruning.shrink(dropped, trees)
+            sizes[key] = export_lib.record_params(shrunk, trees["masks"], s.ds.image_shape,
+                                                  spec.stem_channels)["nonzero"]
+        return sizes[key]
+
+    now, after = size_of([]), size_of(np.arange(len(units)))
+    targets = sorted((int(t) for t in s.config.export.targets if str(int(t)) not in progress.targets), reverse=True)
+    passed = [t for t in targets if now <= t]
+    if passed:
+        inside = [t for t in passed if now >= cfg.budget_window * t]
+        if inside:
+            rec = record_commit(s, spec, state, progress)
+            for t in inside:
+                _settle(progress, t, rec, cfg.budget_window)
+        for t in passed:
+            progress.targets.setdefault(str(t), dict(why=(
+                f"the network entering the final phase already has {now} non-zero parameters, below "
+                f"{cfg.budget_window} x {t}: search a larger super-net (search.init_channels) or prune less "
+                f"in the stages (a higher search.stage_size_ratio)")))
+    crossing = [t for t in targets if after <= t < now]
+    if not crossing:
+        return full, None
+    target = max(crossing)
+    chosen = budget.choose_units(units.margin, size_of, target, cfg.budget_window * target)
+    a, m = budget.apply_units(spec, arch, masks, units, chosen)
+    n_ops = len(units.ops)
+    removed = [units.ops[i] for i in chosen if i < n_ops]
+    leaf_kind = np.concatenate([np.full(idx.size, path[-1] == "kernel") for path, idx in units.leaves] or [[]])
+    picked = leaf_kind[chosen[chosen >= n_ops] - n_ops].astype(bool)
+    _log(progress, f"budget commit for target {target}: {len(chosen)} of {len(units)} off units "
+                   f"({now} -> {size_of(chosen)} non-zero parameters; the whole commit: {after})")
+    return pruning.CommitResult(spec, a, m, removed, int((~picked).sum()), int(picked.sum())), target
 
 
 def next_stage(progress: Progress, state: SearchState) -> tuple[SearchState, Progress]:
@@ -447,13 +591,16 @@ def next_stage(progress: Progress, state: SearchState) -> tuple[SearchState, Pro
     return state, progress
 
 
-def commit_round(s: Searcher, spec, state: SearchState, progress: Progress, stats: dict, final: bool):
-    """Commit live masks at all granularities, drop removed ops, update lambda."""
+def commit_round(s: Searcher, spec, state: SearchState, progress: Progress, stats: dict, final: bool,
+                 result: Optional[pruning.CommitResult] = None):
+    """Commit live masks at all granularities (or apply `result`, a commit chosen by the caller),
+    drop removed ops, update lambda."""
     cfg = s.cfg
+    arch = jax.device_get(state.arch)
     # inside a stage a commit only flips mask values (same compiled step); in the final phase the
-    # committed-off ops leave the structure at once (and channels shrink, see after_epoch)
-    r = pruning.commit(spec, jax.device_get(state.params), jax.device_get(state.arch), jax.device_get(state.masks),
-                       remove=final)
+    # committed-off ops leave the structure at once (and channels shrink, see final_round)
+    r = result or pruning.commit(spec, jax.device_get(state.params), arch, jax.device_get(state.masks), remove=final)
+    progress.pruned_alpha.update(pruning.pruned_alphas(arch, r.removed))
     pruned = len(r.removed)
     progress.commits += 1
     progress.pruned_in_stage += pruned
@@ -492,7 +639,8 @@ def shrink_now(s: Searcher, state: SearchState, progress: Progress):
 
 
 def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
-    """After one epoch with frozen masks: regrow floor(regrow_fraction x ops pruned in the stage)."""
+    """After one epoch with frozen masks: regrow floor(regrow_fraction x ops pruned in the stage), each
+    with its alpha from before it was pruned and its cell's common width (docs/method.md section 7)."""
     cfg = s.cfg
     spec = s.spec_of(progress)
     count = int(math.floor(cfg.regrow_fraction * progress.pruned_in_stage))
@@ -503,19 +651,22 @@ def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
     probs = pruning.regrowth_probabilities(alpha, step_lib.arch_momentum(jax.device_get(state.opt_state), spec), active)
     key = jax.random.fold_in(jax.random.key(s.config.seed), 50_000 + progress.stage)
     draws = pruning.sample_regrowth(jax.random.fold_in(key, 0), probs, count)
+    # the ops committed off in the stage leave the structure first: they are what can regrow
+    trees = {k: pruning.to_numpy(jax.device_get(getattr(state, k))) for k in ("params", "arch", "batch_stats", "masks")}
+    spec, trees = pruning.drop_committed_off(spec, trees)
     new_spec, grown = pruning.regrow(spec, jax.random.fold_in(key, 1), draws)
+    new_spec, grown = pruning.size_regrown(new_spec, grown, trees["masks"], full_width_cells=(cfg.layers - 1,))
     _log(progress, f"stage {progress.stage} regrowth: {len(grown)} of {count} drawn ops regrown")
-    if grown:
-        progress.cells = cells_to_json(new_spec.cells)
-        arch = pruning.reset_regrown(arch, grown)
-        masks = pruning.enable_ops(jax.device_get(state.masks), grown)
-        # regrown ops left every tree at their stage's end, so they start fresh here
-        state = s.rebuild(s.spec_of(progress), state, salt=20_000 + progress.stage, new_optimizer=False,
-                          grows=True, overrides={"arch": arch, "masks": masks})
+    progress.cells = cells_to_json(new_spec.cells)
+    trees["arch"] = pruning.restore_regrown(trees["arch"], grown, progress.pruned_alpha)
+    trees["masks"] = pruning.enable_ops(trees["masks"], grown)
+    # regrown ops left every tree when they were pruned, so they start fresh here
+    state = s.rebuild(s.spec_of(progress), state, salt=20_000 + progress.stage, new_optimizer=False,
+                      grows=bool(grown), overrides=trees)
     return state, progress
 
 
-def record_commit(s: Searcher, spec, state: SearchState, progress: Progress) -> None:
+def record_commit(s: Searcher, spec, state: SearchState, progress: Progress) -> dict:
     """Write the architecture of this final-phase commit (JSON + weight masks) and remember its summary."""
     masks = jax.device_get(state.masks)
     val = s.evaluate(spec, state, s.ds.val) if s.cfg.eval_records else float("nan")
@@ -528,6 +679,7 @@ def record_commit(s: Searcher, spec, state: SearchState, progress: Progress) -> 
                                  val_accuracy=val, counts=rec["counts"]))
     _log(progress, f"record {rec['index']}: {rec['params']['nonzero']} non-zero / {rec['params']['dense']} dense "
                    f"params, val acc {val:.4f}")
+    return rec
 
 
 def _log(progress: Progress, line: str) -> None:

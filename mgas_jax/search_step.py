@@ -80,14 +80,24 @@ def arch_momentum(opt_state, spec: supernet.SuperNetSpec) -> list:
 # Loss and step
 
 def regularizers(arch: dict, masks: dict, spec: supernet.SuperNetSpec) -> tuple[jax.Array, jax.Array]:
-    """(R_op, R_thr) over the committed ops of the built cells (docs/method.md section 3)."""
+    """(R_op, R_thr) of the built cells (docs/method.md sections 3 and 7).
+
+    R_op, as the released code (model_search.py ~441-463, ~512, ~522): only the cells in
+    `spec.penalised` (the current stage's; all in stage 1 and the final phase), an op counting when its
+    live (protected) mask is on, S_j over every committed op into the node, live or not. R_thr over
+    the committed units of every built cell.
+    """
     r_op = r_thr = jnp.float32(0.0)
+    penalised = range(len(spec.cells)) if spec.penalised is None else spec.penalised
     for i, cell in enumerate(spec.cells):
         a = arch[f"cell_{i}"]
         committed = masks[f"cell_{i}"]["ops"]
         active = supernet.active_matrix(cell) * committed
         conv = supernet.conv_matrix(cell) * committed
-        r_op += losses.op_sparsity(a["alpha"], active, gates.edge_nodes(cell.steps))
+        nodes = gates.edge_nodes(cell.steps)
+        if i in penalised:
+            _, live = gates.op_gate(a["alpha"], a["t_op"], active, nodes)
+            r_op += losses.op_sparsity(a["alpha"], live, nodes, cell.steps, scored=active)
         r_thr += (losses.threshold_penalty(a["t_op"], active) + losses.threshold_penalty(a["t_pre"])
                   + (losses.threshold_penalty(a["t_k"], conv) if spec.filter_level else 0.0)
                   + (losses.threshold_penalty(a["t_w"], conv) if spec.weight_level else 0.0))

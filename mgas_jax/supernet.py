@@ -48,6 +48,7 @@ class SuperNetSpec:
       dtype: compute dtype (None: float32); parameters stay float32.
       filter_level, weight_level: search filters and weights too (False: those gates are off, e.g. the
         operation-level-only baseline, a DARTS-like sigmoid search).
+      penalised: indices of the cells whose ops R_op penalises (the current stage's; None: all).
     """
     cells: tuple
     num_classes: int
@@ -58,6 +59,7 @@ class SuperNetSpec:
     dtype: Optional[str] = None
     filter_level: bool = True
     weight_level: bool = True
+    penalised: Optional[tuple] = None
 
 
 def full_cell(width: int, reduction: bool, steps: int = 4) -> CellSpec:

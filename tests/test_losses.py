@@ -170,3 +170,47 @@ def test_clip_by_global_norm_is_optaxs(scale):
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-8)
     norm = float(optax.tree.norm(got))
     assert norm <= 1.0 + 1e-5 if scale > 1 else norm < 1.0
+
+
+def test_search_r_op_counts_live_ops_of_the_penalised_cells_only():
+    """search_step.regularizers: R_op over spec.penalised cells, an op counting when its live
+    (protected) mask is on, n_j the node's live count, S_j over every committed op into the node;
+    R_thr over the committed units of every built cell. Two cells of 2 nodes, by hand."""
+    from mgas_jax import search_step, supernet
+
+    cells = supernet.full_cells(4, 3, steps=2)[:2]
+    rng = np.random.default_rng(5)
+    arch, masks = {}, {}
+    for i in range(2):
+        alpha = rng.normal(0.0, 1.0, (5, 7)).astype(np.float32)
+        t_op = np.full((5, 7), 0.5, np.float32)
+        arch[f"cell_{i}"] = dict(alpha=alpha, t_op=t_op, t_k=np.zeros((5, 7), np.float32),
+                                 t_w=np.zeros((5, 7), np.float32), t_pre=np.zeros(2, np.float32))
+        committed = np.ones((5, 7), np.float32)
+        committed[0, :3] = 0.0                      # committed off: neither counted nor scored
+        masks[f"cell_{i}"] = {"ops": committed}
+    arch["cell_1"]["alpha"][:2] = -3.0              # node 0 of cell 1: every op live-off ...
+    arch["cell_1"]["alpha"][1, 4] = -1.0            # ... this one has the best alpha: protected
+
+    def by_hand(i):
+        a, committed = arch[f"cell_{i}"]["alpha"].astype(np.float64), masks[f"cell_{i}"]["ops"]
+        sig = sigmoid(a)
+        live = (sig > 0.5) * committed
+        total = 0.0
+        for node, edges in ((0, [0, 1]), (1, [2, 3, 4])):
+            on = [(e, o) for e in edges for o in range(7) if live[e, o]]
+            if not on:  # protection: the committed op of the node with the highest alpha
+                on = [max(((e, o) for e in edges for o in range(7) if committed[e, o]), key=lambda eo: a[eo])]
+            s_j = sum(sig[e, o] for e in edges for o in range(7) if committed[e, o])
+            total += sum(math.log(1 + len(on) * sig[e, o] / s_j) for e, o in on)
+        return total
+
+    assert by_hand(1) != by_hand(0)
+    for penalised, cells_in in ((None, (0, 1)), ((1,), (1,)), ((0,), (0,))):
+        spec = supernet.SuperNetSpec(cells, num_classes=10, stem_channels=12, penalised=penalised)
+        r_op, r_thr = search_step.regularizers(arch, masks, spec)
+        np.testing.assert_allclose(r_op, sum(by_hand(i) for i in cells_in), rtol=1e-5)
+        # R_thr: exp(-0.5) per committed op (t_op); exp(-0) per conv op (t_k, t_w) and preprocess layer
+        n_thr = sum(math.exp(-0.5) * masks[f"cell_{i}"]["ops"].sum()
+                    + 2 * (supernet.conv_matrix(cells[i]) * masks[f"cell_{i}"]["ops"]).sum() + 2 for i in range(2))
+        np.testing.assert_allclose(r_thr, n_thr, rtol=1e-6)

@@ -973,3 +973,18 @@ def test_partial_commit_lands_the_exported_size_just_below_a_target(net):
 ])
 def test_commit_timing(first, every, commits):
     assert [e for e in range(1, 10) if P.commit_due(e, first, every)] == commits
+
+
+def test_stage_end_measures_cells_0_to_the_end_of_the_stage(net):
+    """Stage 2 of the tiny super-net builds cells 0 and 1: its measure is both cells' size proxy (the
+    released code's flops of cells 0..stage2_end), not cell 1's alone."""
+    from mgas_jax import search
+    spec, variables = net
+    stage2 = dataclasses.replace(spec, cells=spec.cells[:search.built_cells(LAYERS, 2)])
+    both = full_cell_size(4, False) + full_cell_size(8, True)
+    assert search.stage_size(stage2, variables["masks"]) == both
+    assert both != P.size_proxy(stage2, variables["masks"], search.stage_cells(LAYERS, 2))
+    # pruning cell 0 (an earlier stage's cell) counts towards the end of stage 2
+    masks = copy(variables)["masks"]
+    masks["cell_0"]["ops"][:, idx("sep_conv_5x5")] = 0.0
+    assert search.stage_size(stage2, masks) == both - 5 * (50 * 4 + 2 * 16)
