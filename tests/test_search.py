@@ -62,6 +62,19 @@ def test_records_shrink_and_exports_follow_budgets(searched):
     assert "error" in small and "<= 10 " in small["error"]
 
 
+def test_summary_gives_each_target_its_size_and_accuracy_or_the_reason(searched):
+    workdir, result = searched
+    with open(os.path.join(workdir, "search_result.json")) as f:
+        targets = json.load(f)["targets"]
+    assert set(targets) == {"100000", "10"} and targets == result["targets"]
+    big = targets["100000"]
+    assert big["params_nonzero"] == result["summary"]["100000"]["params"]["nonzero"]
+    assert 0 <= big["val_accuracy"] <= 1
+    # the tiny super-net enters its final phase far below 100k: its record is below 0.9 x, and it says so
+    assert big["params_nonzero"] < 90_000 and "already has" in big["why"] and "init_channels" in big["why"]
+    assert targets["10"]["params_nonzero"] is None and targets["10"]["why"]
+
+
 def test_export_rebuilds_with_recorded_counts(searched):
     workdir, result = searched
     path = result["summary"]["100000"]["path"]
