@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import itertools
-import json
 import math
 import os
 import time
@@ -375,11 +373,7 @@ class Searcher:
         self.stop_requested = False
         self.writer = None  # opened once the workdir is known to hold this run (see `search`)
         self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=self.cfg.keep_checkpoints)
-        # What determines a search: seed, data and the search section (not train.* or export.*, so that
-        # mode=all can change the retraining or the targets and still resume its search).
-        full = config_lib.semantic_dict(config)
-        self.semantic = {k: full[k] for k in ("seed", "data", "search") if k in full}
-        self.config_hash = hashlib.sha256(json.dumps(self.semantic, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+        self.config_hash, self.semantic = config_lib.run_identity(config, config_lib.SEARCH_SECTIONS)
 
     # -- structure ------------------------------------------------------------------------------
 

@@ -327,24 +327,18 @@ def _digest(tree: Any) -> str:
     return h.hexdigest()[:16]
 
 
-TRAIN_SECTIONS = ("seed", "data", "model", "train")  # what train_and_evaluate reads from the config
-
-
 def run_identity(config, spec: Optional[network.NetworkSpec], masks: Any) -> tuple[str, dict]:
-    """(hash, semantic dict) that identify the run for the same-run check of a resumed workdir.
+    """(hash, identity) of a training run for the same-run check of a resumed workdir (config.run_identity).
 
-    The sections training reads (TRAIN_SECTIONS), without their non-semantic keys: a changed search
-    knob does not invalidate a training workdir. An explicit spec or masks (retraining) are part of
-    the run, so their digests join the dict.
+    The sections training reads (config.TRAIN_SECTIONS): a changed search knob does not invalidate a
+    training workdir. An explicit spec or masks (retraining) are part of the run, so their digests join.
     """
-    semantic = config_lib.semantic_dict(config)
-    identity = {k: semantic[k] for k in TRAIN_SECTIONS if k in semantic}
+    digests = {}
     if spec is not None:
-        identity["_spec"] = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
+        digests["spec"] = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
     if masks is not None:
-        identity["_masks"] = _digest(masks)
-    text = json.dumps(identity, sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()[:16], identity
+        digests["masks"] = _digest(masks)
+    return config_lib.run_identity(config, config_lib.TRAIN_SECTIONS, **digests)
 
 
 def _json_default(x):
