@@ -3,7 +3,7 @@
 The public names, loaded on first use (so `import mgas_jax.gates` stays as light as plain JAX, and
 no data-pipeline dependency such as TFDS is imported with the package):
 
-- `gates`: the discretization functions of the three granularities (plain JAX; mgas-method.md section 2).
+- `gates`: the discretization functions of the three granularities (plain JAX; docs/method.md section 2).
 - `prune`: MGAS's filter- and weight-level search on any Flax Linen or NNX model's params pytree (spec by
   path pattern, gates, R_thr, the optimizer groups, commits, physical channel removal).
 - `Genotype`, `parse_genotype(text)`, `get_genotype(name_or_text)`: DARTS-family genotypes, parsed safely

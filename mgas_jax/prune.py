@@ -26,7 +26,7 @@ naming the op, unless that kernel is left out of the filter gates.
     masks = prune.commit(spec, params, gate_state, masks)           # host, every few epochs
     small = prune.remove(spec, params, gate_state, masks, batch_stats)  # smaller trees + widths
 
-Method reference: mgas-method.md sections 2 (gates, commits), 3 (R_thr) and 4 (optimizer groups).
+Method reference: docs/method.md sections 2 (gates, commits), 3 (R_thr) and 4 (optimizer groups).
 """
 from __future__ import annotations
 
@@ -492,7 +492,7 @@ def _reshape(tr: _Trace, info: Optional[_Info], shape_in: tuple, shape_out: tupl
 # State, gates, loss, optimizer
 
 def init_gates(spec: PruneSpec) -> dict:
-    """The trainable gate state, all zeros (sigma(beta) = 0.5, thresholds 0; mgas-method.md section 2):
+    """The trainable gate state, all zeros (sigma(beta) = 0.5, thresholds 0; docs/method.md section 2):
     {kernel path: {'beta': (C,), 't_k': ()} for filter-gated kernels, and 't_w': () for weight-gated ones}."""
     out = {}
     for f in spec.filters:
@@ -558,7 +558,7 @@ def _active(m) -> jax.Array:
 
 def threshold_penalty(spec: PruneSpec, gate_state: dict, masks: dict) -> jax.Array:
     """R_thr = sum of exp(-t) over the thresholds (t_k, t_w) of kernels with a committed unit left
-    (losses.threshold_penalty; mgas-method.md section 3). Add `lam * R_thr` to the loss."""
+    (losses.threshold_penalty; docs/method.md section 3). Add `lam * R_thr` to the loss."""
     r = jnp.float32(0.0)
     for f in spec.filters:
         r += losses.threshold_penalty(gate_state[f.kernel]["t_k"], _active(masks[f.kernel]["filters"]))
@@ -584,7 +584,7 @@ def labels(trainable: dict) -> dict:
 def optimizer(*, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 3e-4, grad_clip: float = 5.0,
               beta_lr: float = 1.0, threshold_lr: float = 0.1, weight_threshold_lr: float = 0.001
               ) -> optax.GradientTransformation:
-    """The authors' optimizers (mgas-method.md section 4) over {'params': params, 'gates': gate_state}.
+    """The authors' optimizers (docs/method.md section 4) over {'params': params, 'gates': gate_state}.
 
     SGD with momentum for every group; gradient-norm clipping and weight decay in the weights' chain
     only (as the super-net's search.make_optimizer).
@@ -604,7 +604,7 @@ def _np_tree(tree):
 
 
 def commit(spec: PruneSpec, params, gate_state: dict, masks: dict) -> dict:
-    """Committed masks AND the live ones (mgas-method.md section 2): filters by sigma(beta) > t_k,
+    """Committed masks AND the live ones (docs/method.md section 2): filters by sigma(beta) > t_k,
     weights by |w| > t_w. Host function; returns new numpy masks."""
     flat = dict(zip(*_flatten(params)[:2]))
     g = _np_tree(gate_state)
