@@ -37,7 +37,7 @@ Full-scale reproduction (CIFAR-10, configs/cifar10.py; data prepared with TFDS):
 
 Expected cost of the full-scale run (estimates, one modern GPU; not measured here): each search on the
 8-cell C=24 super-net at evaluation size is a multi-stage run of a few hundred epochs on 45k images,
-of the order of 1 GPU-day (by the ratios of section 7 of mgas-method.md, comparable to 2nd-order DARTS'
+of the order of 1 GPU-day (by the ratios of section 7 of docs/method.md, comparable to 2nd-order DARTS'
 1 GPU-day and well above PC-DARTS' 0.1); each retraining is 600 epochs of batch 96 on 50k images, about
 0.5-1 GPU-day for a 0.3-0.7 M parameter network. With 3 targets x 3 methods x 3 seeds = 27 retrainings and
 6 searches: roughly 20-35 GPU-days in all. Searches and retrainings are independent jobs; run them on

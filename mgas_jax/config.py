@@ -177,6 +177,10 @@ SCHEMA: dict[str, Any] = {
                           semantic=False),
         "val_size": Field(int, non_negative, "training examples held out as the validation split"),
         "train_fraction": Field(float, fraction, "class-balanced fraction of the training split used"),
+        "folds": Field(int, non_negative, "digits: k of a stratified k-fold split of all images "
+                       "(0 = the fixed 80/20 split)"),
+        "fold": Field(int, non_negative, "data.folds > 0: the fold used as the test split"),
+        "fold_repeat": Field(int, non_negative, "data.folds > 0: the repetition (seeds the fold assignment)"),
         "image_size": Field(int, positive, "side of the (square) images fed to the network"),
         "num_classes": Field(int, non_negative, "classes (0 = the data set's own count)"),
         "synthetic_size": Field(int, positive, "examples of the 'synthetic' data set"),
@@ -313,7 +317,21 @@ def _check_search(config, device_count: int) -> None:
         raise ConfigError("search.init_channels * search.stem_multiplier must be positive")
 
 
-CROSS_CHECKS: list[Callable[[Any, int], None]] = [_check_batches, _check_schedule, _check_search]
+def _check_folds(config, device_count: int) -> None:
+    del device_count
+    folds, fold = config.data.folds, config.data.fold
+    if folds == 0:
+        return
+    if config.data.name != "digits":
+        raise ConfigError(f"data.folds = {folds}: k-fold splits are implemented for digits only "
+                          f"(data.name = {config.data.name!r} has a fixed test split); set data.folds = 0")
+    if folds < 2:
+        raise ConfigError(f"data.folds = {folds}: a k-fold split needs k >= 2 (0 = off)")
+    if fold >= folds:
+        raise ConfigError(f"data.fold = {fold}: must lie in [0, data.folds = {folds})")
+
+
+CROSS_CHECKS: list[Callable[[Any, int], None]] = [_check_batches, _check_schedule, _check_search, _check_folds]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ The npz maps `cell_{i}/op_{node}_{src}_{op}/.../kernel` (the evaluation network'
 `names.py`, joined by '/') to
 0/1 masks; `load_architecture` turns both back into a NetworkSpec's cells and a `masks` collection.
 Files are written atomically (temporary file + rename); an export that exists with other content is
-never overwritten (mgas-method.md section 6; issue: nothing lost).
+never overwritten (docs/method.md section 6; issue: nothing lost).
 """
 from __future__ import annotations
 

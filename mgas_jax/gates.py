@@ -7,7 +7,7 @@ Everything here is plain JAX (no Flax), so other code bases can import it:
     w_masked = w * gates.weight_mask(w, t_w)
     keep = gates.filter_mask(beta, t_k, committed)           # what a commit keeps: the same rule
 
-Method reference: `mgas-method.md` section 2.
+Method reference: `docs/method.md` section 2.
 """
 from __future__ import annotations
 

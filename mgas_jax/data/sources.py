@@ -13,6 +13,8 @@ Sources:
              TFDS `array_record` files read through `tfds.data_source` (no TensorFlow at run time);
              prepared offline into `data_dir` (see `DataNotFoundError`).
 
+digits' test split is a fixed stratified 20 %, or with `folds` = k > 0 fold `fold` of a stratified
+k-fold split of all 1797 images (`fold_repeat` picks the repetition; splits.stratified_folds).
 Validation is held out of the training split (`val_size` examples), the remaining training
 examples can be thinned to `train_fraction` (MGAS searches ImageNet on 10%). Both choices
 are deterministic (constant seeds) so every run and every process sees the same splits.
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mgas_jax.data.splits import Split, array_reader, check_examples
+from mgas_jax.data.splits import Split, array_reader, check_examples, fold_positions
 
 ALLOWED_NAMES = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
 
@@ -105,6 +107,16 @@ def _check_config(cfg: Any) -> None:
     fraction = _required(cfg, "train_fraction")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"config.data.train_fraction must lie in (0, 1], got {fraction!r}.")
+    folds = cfg.get("folds", 0)
+    if folds:
+        if name != "digits":
+            raise ValueError(f"config.data.folds = {folds}: k-fold splits are implemented for digits only "
+                             f"(data.name = {name!r} has a fixed test split); set data.folds = 0.")
+        if int(folds) != folds or folds < 2:
+            raise ValueError(f"config.data.folds must be 0 (off) or an integer >= 2, got {folds!r}.")
+        fold = _required(cfg, "fold")
+        if int(fold) != fold or not 0 <= fold < folds:
+            raise ValueError(f"config.data.fold must lie in [0, data.folds = {folds}), got {fold!r}.")
     if name in ("imagenet", "synthetic"):
         size = _required(cfg, "image_size")
         if int(size) != size or size < 1:
@@ -214,8 +226,15 @@ def _digits(cfg: Any, **shard: int) -> Dataset:
     raw = load_digits()
     images = np.round(raw.images * (255.0 / 16.0)).astype(np.uint8)[..., None]   # (1797, 8, 8, 1)
     labels = raw.target.astype(np.int32)
-    test = stratified_pick(labels, int(round(_DIGITS_TEST_FRACTION * len(labels))), _HOLDOUT_SEED - 1)
-    train = np.setdiff1d(np.arange(len(labels)), test)
+    folds = int(cfg.get("folds", 0))
+    if folds:
+        # all 1797 images take turns as the test split; the fold assignment belongs to the repetition,
+        # not to the run's seed, so every method and seed of a study sees the same split of a fold
+        train, test = fold_positions(labels, folds=folds, fold=int(cfg.fold),
+                                     seed=[_HOLDOUT_SEED, int(cfg.get("fold_repeat", 0))])
+    else:
+        test = stratified_pick(labels, int(round(_DIGITS_TEST_FRACTION * len(labels))), _HOLDOUT_SEED - 1)
+        train = np.setdiff1d(np.arange(len(labels)), test)
     return _in_memory_dataset("digits", images[train], labels[train], images[test], labels[test], cfg=cfg,
                               num_classes=10, image_shape=(8, 8, 1), mean=None, std=None, **shard)
 
