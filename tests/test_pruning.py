@@ -360,7 +360,7 @@ def test_commit_follows_the_gate_functions(net, monkeypatch):
     kernels = [(get(v["params"], p), get(v["masks"], p)) for p in names.unit_kernels(dil)]
     monkeypatch.setattr(gates, "filter_mask", lambda beta, t, committed=None: committed)  # never prunes a filter
     monkeypatch.setattr(gates, "weight_mask", lambda w, t, committed=None: (jnp.abs(w) > 2 * t) * committed)
-    monkeypatch.setattr(gates, "protect_last_op", lambda live, active, alpha, node_of_edge: live)  # no protection
+    monkeypatch.setattr(gates, "protect_last_op", lambda live, *args, **kwargs: live)  # no protection
     res = P.commit(spec, v["params"], v["arch"], v["masks"])
     assert res.filters_off == 0 and expected["filters_off"] > 0
     assert res.weights_off == sum(int(np.sum((np.abs(w) <= 0.4) & (m > 0))) for w, m in kernels) > expected["weights_off"]
@@ -404,8 +404,7 @@ def test_commit_agrees_with_the_jitted_forward_at_ties(net):
     n_tied = 0
     for i, cell in enumerate(spec.cells):
         a = v["arch"][names.cell_name(i)]
-        g, _ = jax.jit(gates.op_gate, static_argnums=3)(a["alpha"], a["t_op"], S.active_matrix(cell),
-                                                         tuple(gates.edge_nodes(cell.steps)))
+        g, _ = jax.jit(gates.op_gate)(a["alpha"], a["t_op"], S.active_matrix(cell), gates.edge_nodes(cell.steps))
         g = np.asarray(g)
         assert {o for o in cell.ops if g[o.edge, o.op_index] == 0} == {o for j, o in removed if j == i}
         assert all(np.any(g[gates.edge_nodes(cell.steps) == j] > 0) for j in range(cell.steps))
