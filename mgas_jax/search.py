@@ -33,7 +33,7 @@ from mgas_jax import checkpoint as ckpt_lib
 from mgas_jax import config as config_lib
 from mgas_jax import data as data_lib
 from mgas_jax import export as export_lib
-from mgas_jax import parallel, pruning, supernet
+from mgas_jax import names, parallel, pruning, supernet
 from mgas_jax import search_step as step_lib
 from mgas_jax.search_step import SearchState
 from mgas_jax.genotype import cells_from_json, cells_to_json
@@ -491,9 +491,9 @@ def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
     spec = s.spec_of(progress)
     count = int(math.floor(cfg.regrow_fraction * progress.pruned_in_stage))
     arch = jax.device_get(state.arch)
-    alpha = [arch[f"cell_{i}"]["alpha"] for i in range(len(spec.cells))]
+    alpha = [arch[names.cell_name(i)]["alpha"] for i in range(len(spec.cells))]
     masks = jax.device_get(state.masks)
-    active = [supernet.active_matrix(c) * masks[f"cell_{i}"]["ops"] for i, c in enumerate(spec.cells)]
+    active = [supernet.active_matrix(c) * masks[names.cell_name(i)][names.OPS_MASK] for i, c in enumerate(spec.cells)]
     probs = pruning.regrowth_probabilities(alpha, step_lib.arch_momentum(jax.device_get(state.opt_state), spec), active)
     key = jax.random.fold_in(jax.random.key(s.config.seed), 50_000 + progress.stage)
     draws = pruning.sample_regrowth(jax.random.fold_in(key, 0), probs, count)

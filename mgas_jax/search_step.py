@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from mgas_jax import data as data_lib
-from mgas_jax import gates, losses, supernet
+from mgas_jax import gates, losses, names, supernet
 from mgas_jax import programs as programs_lib
 
 
@@ -73,7 +73,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 def arch_momentum(opt_state, spec: supernet.SuperNetSpec) -> list:
     """Per cell, the SGD momentum of alpha (used by the regrowth importance)."""
     trace = opt_state.inner_states["alpha"].inner_state[0].trace
-    return [np.asarray(trace["arch"][f"cell_{i}"]["alpha"]) for i in range(len(spec.cells))]
+    return [np.asarray(trace["arch"][names.cell_name(i)]["alpha"]) for i in range(len(spec.cells))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,8 +83,8 @@ def regularizers(arch: dict, masks: dict, spec: supernet.SuperNetSpec) -> tuple[
     """(R_op, R_thr) over the committed ops of the built cells (docs/method.md section 3)."""
     r_op = r_thr = jnp.float32(0.0)
     for i, cell in enumerate(spec.cells):
-        a = arch[f"cell_{i}"]
-        committed = masks[f"cell_{i}"]["ops"]
+        a = arch[names.cell_name(i)]
+        committed = masks[names.cell_name(i)][names.OPS_MASK]
         active = supernet.active_matrix(cell) * committed
         conv = supernet.conv_matrix(cell) * committed
         r_op += losses.op_sparsity(a["alpha"], active, gates.edge_nodes(cell.steps))
@@ -191,7 +191,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
     (edge's) activations (benchmarks/README.md, sections 7 and 8).
     """
     n = len(spec.cells)
-    names = [f"cell_{i}" for i in range(n)]
+    cell_names = [names.cell_name(i) for i in range(n)]
     if programs == "edge":
         cells = [programs_lib.edge_programs(spec, i, spec.remat) for i in range(n)]
     else:
@@ -236,7 +236,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         x, stem_vjp, stem_stats = stem_forward(_pick(params, stem_names), _pick(bs, stem_names),
                                                batch["image"], key)
         outs, residuals, stats = [x, x], [], dict(stem_stats)
-        for i, name in enumerate(names):
+        for i, name in enumerate(cell_names):
             variables = {"batch_stats": bs[name], "masks": state.masks[name]}
             out, res, stats[name] = cells[i][0](variables, params[name], state.arch[name], outs[i], outs[i + 1])
             outs.append(out)
@@ -249,7 +249,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         g_outs[-1] = g_out
         del outs
         for i in reversed(range(n)):
-            g_params[names[i]], g_arch[names[i]], g0, g1 = cells[i][1](residuals[i], g_outs[i + 2])
+            g_params[cell_names[i]], g_arch[cell_names[i]], g0, g1 = cells[i][1](residuals[i], g_outs[i + 2])
             residuals[i] = g_outs[i + 2] = None   # free the cell's residuals as soon as they are used
             g_outs[i] = programs_lib.accumulate(g_outs[i], g0)
             g_outs[i + 1] = programs_lib.accumulate(g_outs[i + 1], g1)

@@ -49,7 +49,7 @@ from flax import traverse_util
 from mgas_jax import checkpoint as checkpoint_lib
 from mgas_jax import config as config_lib
 from mgas_jax import data as data_lib
-from mgas_jax import losses, metrics, network, parallel
+from mgas_jax import losses, metrics, names, network, parallel
 
 # Called after each finished epoch (after its checkpoint is saved): fn(epoch, state), epoch 1-based.
 EpochHook = Callable[[int, "TrainState"], None]
@@ -123,20 +123,16 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 def apply_masks(tree: Any, masks: Any) -> Any:
     """Multiplies the leaves of `tree` (params-shaped) by the mask at the same path, where there is one.
 
+    A jax.tree.map over `tree` and its masks aligned to it (`names.masks_like`: Flax keeps each weight
+    mask at its kernel's path in the `masks` collection).
+
     Args:
       tree: params, gradients or updates (nested dicts of arrays).
       masks: the `masks` collection; entries without a matching leaf in `tree` are ignored.
     Returns:
       tree with every masked leaf multiplied by its 0/1 mask.
     """
-    if not masks:
-        return tree
-    flat_masks = traverse_util.flatten_dict(masks)
-    flat = traverse_util.flatten_dict(tree)
-    for path, mask in flat_masks.items():
-        if path in flat:
-            flat[path] = flat[path] * mask.astype(flat[path].dtype)
-    return traverse_util.unflatten_dict(flat)
+    return names.apply(tree, masks)
 
 
 def _check_masks(given: Any, expected: Any) -> None:
