@@ -202,18 +202,16 @@ def run_ours(args, stage=None, **override) -> dict:
     raise RuntimeError(f"our step failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def run_reference(args, device: str, **override) -> dict:
-    if not os.path.exists(REFERENCE):
-        raise FileNotFoundError(f"the PyTorch reference is not at {REFERENCE}; it lives in shared/bench/ "
+def run_torch(script: str, prefix: str, flags: list) -> dict:
+    """Runs a PyTorch yardstick in a subprocess; its `prefix... key=value` line as a dict (+ line, wall_s)."""
+    if not os.path.exists(script):
+        raise FileNotFoundError(f"the PyTorch reference is not at {script}; it lives in shared/bench/ "
                                 f"beside the repository")
-    a = dict(vars(args), **override)
-    cmd = [sys.executable, REFERENCE, f"--batch={a['batch']}", f"--channels={a['channels']}",
-           f"--layers={a['layers']}", f"--image={a['image']}", f"--classes={a['classes']}",
-           f"--steps={a['steps']}", f"--warmup={a['warmup']}", f"--device={device}"]
+    cmd = [sys.executable, script, *flags]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("torch-reference")), None)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith(prefix)), None)
     if proc.returncode or line is None:
         hint = " (install it with: pip install -e .[bench])" if "No module named 'torch'" in proc.stderr else ""
         raise RuntimeError(f"the PyTorch reference failed{hint}:\n{proc.stderr[-3000:]}")
@@ -221,6 +219,14 @@ def run_reference(args, device: str, **override) -> dict:
     out = {k: (v if k == "device" else float(v)) for k, v in fields.items()}
     out.update(line=line, wall_s=wall)
     return out
+
+
+def run_reference(args, device: str, **override) -> dict:
+    a = dict(vars(args), **override)
+    return run_torch(REFERENCE, "torch-reference",
+                     [f"--batch={a['batch']}", f"--channels={a['channels']}", f"--layers={a['layers']}",
+                      f"--image={a['image']}", f"--classes={a['classes']}", f"--steps={a['steps']}",
+                      f"--warmup={a['warmup']}", f"--device={device}"])
 
 
 def _ours_line(o: dict) -> str:

@@ -19,9 +19,7 @@ the run, so an interrupted search resumes and ends with the same architecture.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import math
 import os
 from typing import Optional
@@ -35,7 +33,7 @@ from mgas_jax import checkpoint as ckpt_lib
 from mgas_jax import config as config_lib
 from mgas_jax import data as data_lib
 from mgas_jax import export as export_lib
-from mgas_jax import loop, parallel, pruning, supernet
+from mgas_jax import loop, names, parallel, pruning, supernet
 from mgas_jax import search_step as step_lib
 from mgas_jax.search_step import SearchState
 from mgas_jax.genotype import cells_from_json, cells_to_json
@@ -133,11 +131,7 @@ class Searcher:
         self.stop = ckpt_lib.StopSignals()  # SIGTERM or Ctrl-C: checkpoint at the next step, then stop
         self.writer = None  # opened once the workdir is known to hold this run (see `search`)
         self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=self.cfg.keep_checkpoints)
-        # What determines a search: seed, data and the search section (not train.* or export.*, so that
-        # mode=all can change the retraining or the targets and still resume its search).
-        full = config_lib.semantic_dict(config)
-        self.semantic = {k: full[k] for k in ("seed", "data", "search") if k in full}
-        self.config_hash = hashlib.sha256(json.dumps(self.semantic, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+        self.config_hash, self.semantic = config_lib.run_identity(config, config_lib.SEARCH_SECTIONS)
 
     # -- structure ------------------------------------------------------------------------------
 
@@ -503,9 +497,9 @@ def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
     spec = s.spec_of(progress)
     count = int(math.floor(cfg.regrow_fraction * progress.pruned_in_stage))
     arch = jax.device_get(state.arch)
-    alpha = [arch[f"cell_{i}"]["alpha"] for i in range(len(spec.cells))]
+    alpha = [arch[names.cell_name(i)]["alpha"] for i in range(len(spec.cells))]
     masks = jax.device_get(state.masks)
-    active = [supernet.active_matrix(c) * masks[f"cell_{i}"]["ops"] for i, c in enumerate(spec.cells)]
+    active = [supernet.active_matrix(c) * masks[names.cell_name(i)][names.OPS_MASK] for i, c in enumerate(spec.cells)]
     probs = pruning.regrowth_probabilities(alpha, step_lib.arch_momentum(jax.device_get(state.opt_state), spec), active)
     key = jax.random.fold_in(jax.random.key(s.config.seed), SALT_REGROW_DRAW + progress.stage)
     draws = pruning.sample_regrowth(jax.random.fold_in(key, 0), probs, count)

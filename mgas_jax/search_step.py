@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from mgas_jax import data as data_lib
-from mgas_jax import gates, losses, supernet
+from mgas_jax import gates, losses, names, supernet
 from mgas_jax import programs as programs_lib
 
 
@@ -122,7 +122,7 @@ def arch_momentum(opt_state, spec: supernet.SuperNetSpec) -> list:
     alpha group's optimizer state."""
     in_alpha_group = lambda path, _: any(getattr(k, "key", None) == "alpha" for k in path)
     trace = optax.tree_utils.tree_get(opt_state, "trace", filtering=in_alpha_group)
-    return [np.asarray(trace["arch"][f"cell_{i}"]["alpha"]) for i in range(len(spec.cells))]
+    return [np.asarray(trace["arch"][names.cell_name(i)]["alpha"]) for i in range(len(spec.cells))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,8 +132,8 @@ def regularizers(arch: dict, masks: dict, spec: supernet.SuperNetSpec) -> tuple[
     """(R_op, R_thr) over the committed ops of the built cells (docs/method.md section 3)."""
     r_op = r_thr = jnp.float32(0.0)
     for i, cell in enumerate(spec.cells):
-        a = arch[f"cell_{i}"]
-        committed = masks[f"cell_{i}"]["ops"]
+        a = arch[names.cell_name(i)]
+        committed = masks[names.cell_name(i)][names.OPS_MASK]
         active = supernet.active_matrix(cell) * committed
         conv = supernet.conv_matrix(cell) * committed
         r_op += losses.op_sparsity(a["alpha"], active, gates.edge_nodes(cell.steps))
@@ -234,7 +234,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
     (edge's) activations (benchmarks/README.md, sections 7 and 8).
     """
     n = len(spec.cells)
-    names = [f"cell_{i}" for i in range(n)]
+    cell_names = [names.cell_name(i) for i in range(n)]
     if programs == "edge":
         cells = [programs_lib.edge_programs(spec, i, spec.remat) for i in range(n)]
     else:
@@ -279,7 +279,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         x, stem_vjp, stem_stats = stem_forward(_pick(params, stem_names), _pick(bs, stem_names),
                                                batch["image"], key)
         outs, residuals, stats = [x, x], [], dict(stem_stats)
-        for i, name in enumerate(names):
+        for i, name in enumerate(cell_names):
             variables = {"batch_stats": bs[name], "masks": state.masks[name]}
             out, res, stats[name] = cells[i][0](variables, params[name], state.arch[name], outs[i], outs[i + 1])
             outs.append(out)
@@ -292,7 +292,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         g_outs[-1] = g_out
         del outs
         for i in reversed(range(n)):
-            g_params[names[i]], g_arch[names[i]], g0, g1 = cells[i][1](residuals[i], g_outs[i + 2])
+            g_params[cell_names[i]], g_arch[cell_names[i]], g0, g1 = cells[i][1](residuals[i], g_outs[i + 2])
             residuals[i] = g_outs[i + 2] = None   # free the cell's residuals as soon as they are used
             g_outs[i] = programs_lib.accumulate(g_outs[i], g0)
             g_outs[i + 1] = programs_lib.accumulate(g_outs[i + 1], g1)

@@ -48,7 +48,7 @@ from flax import traverse_util
 from mgas_jax import checkpoint as checkpoint_lib
 from mgas_jax import config as config_lib
 from mgas_jax import data as data_lib
-from mgas_jax import losses, loop, metrics, network, parallel
+from mgas_jax import losses, loop, metrics, names, network, parallel
 
 # Called after each finished epoch (after its checkpoint is saved): fn(epoch, state), epoch 1-based.
 EpochHook = Callable[[int, "TrainState"], None]
@@ -122,20 +122,16 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 def apply_masks(tree: Any, masks: Any) -> Any:
     """Multiplies the leaves of `tree` (params-shaped) by the mask at the same path, where there is one.
 
+    A jax.tree.map over `tree` and its masks aligned to it (`names.masks_like`: Flax keeps each weight
+    mask at its kernel's path in the `masks` collection).
+
     Args:
       tree: params, gradients or updates (nested dicts of arrays).
       masks: the `masks` collection; entries without a matching leaf in `tree` are ignored.
     Returns:
       tree with every masked leaf multiplied by its 0/1 mask.
     """
-    if not masks:
-        return tree
-    flat_masks = traverse_util.flatten_dict(masks)
-    flat = traverse_util.flatten_dict(tree)
-    for path, mask in flat_masks.items():
-        if path in flat:
-            flat[path] = flat[path] * mask.astype(flat[path].dtype)
-    return traverse_util.unflatten_dict(flat)
+    return names.apply(tree, masks)
 
 
 def _check_masks(given: Any, expected: Any) -> None:
@@ -326,24 +322,18 @@ def _digest(tree: Any) -> str:
     return h.hexdigest()[:16]
 
 
-TRAIN_SECTIONS = ("seed", "data", "model", "train")  # what train_and_evaluate reads from the config
-
-
 def run_identity(config, spec: Optional[network.NetworkSpec], masks: Any) -> tuple[str, dict]:
-    """(hash, semantic dict) that identify the run for the same-run check of a resumed workdir.
+    """(hash, identity) of a training run for the same-run check of a resumed workdir (config.run_identity).
 
-    The sections training reads (TRAIN_SECTIONS), without their non-semantic keys: a changed search
-    knob does not invalidate a training workdir. An explicit spec or masks (retraining) are part of
-    the run, so their digests join the dict.
+    The sections training reads (config.TRAIN_SECTIONS): a changed search knob does not invalidate a
+    training workdir. An explicit spec or masks (retraining) are part of the run, so their digests join.
     """
-    semantic = config_lib.semantic_dict(config)
-    identity = {k: semantic[k] for k in TRAIN_SECTIONS if k in semantic}
+    digests = {}
     if spec is not None:
-        identity["_spec"] = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
+        digests["spec"] = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
     if masks is not None:
-        identity["_masks"] = _digest(masks)
-    text = json.dumps(identity, sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()[:16], identity
+        digests["masks"] = _digest(masks)
+    return config_lib.run_identity(config, config_lib.TRAIN_SECTIONS, **digests)
 
 
 def _json_default(x):
