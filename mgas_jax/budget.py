@@ -25,8 +25,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from mgas_jax import pruning
-from mgas_jax.supernet import SuperNetSpec, op_name
+from mgas_jax import names, pruning
+from mgas_jax.names import op_name
+from mgas_jax.supernet import SuperNetSpec
 
 
 @dataclasses.dataclass
@@ -63,24 +64,24 @@ def off_units(spec: SuperNetSpec, params: dict, arch: dict, masks: dict, full: p
     arch, params = pruning.to_numpy(arch), pruning.to_numpy(params)
     margins = []
     for i, o in full.removed:
-        a = arch[f"cell_{i}"]
+        a = arch[names.cell_name(i)]
         margins.append(_shortfall(_sigmoid(a["alpha"][o.edge, o.op_index]), a["t_op"][o.edge, o.op_index]))
     leaves = []
     ops_of = [{op_name(o): o for o in c.ops} for c in spec.cells]
     for path, old in pruning._walk(masks):
         new = np.asarray(pruning._get(full.masks, path)) if pruning._has(full.masks, path) else None
-        is_filter = path[-2:] == ("gate", "beta") and "fr" not in path
-        if new is None or not (is_filter or path[-1] == "kernel") or new.shape != np.shape(old):
+        is_filter = names.is_filter_mask(path) and names.FR not in path
+        if new is None or not (is_filter or names.is_kernel(path)) or new.shape != np.shape(old):
             continue
         idx = np.flatnonzero((np.asarray(old).ravel() > 0) & (new.ravel() == 0))
         if idx.size == 0:
             continue
-        i = int(path[0].split("_")[1])
+        i = names.cell_index(path[0])
         a = arch[path[0]]
         if is_filter:
             score = _sigmoid(np.asarray(pruning._get(arch, path)).ravel()[idx])
-            if path[1] in ("pre0", "pre1"):
-                t = a["t_pre"][int(path[1][-1])]
+            if path[1] in names.PRE:
+                t = a["t_pre"][names.PRE.index(path[1])]
             else:
                 o = ops_of[i][path[1]]
                 t = a["t_k"][o.edge, o.op_index]
@@ -105,8 +106,9 @@ def apply_units(spec: SuperNetSpec, arch: dict, masks: dict, units: Units, chose
     n_ops = len(units.ops)
     for (i, o), on in zip(units.ops, chosen[:n_ops]):
         if on:
-            masks[f"cell_{i}"].setdefault("ops", pruning.active_matrix(spec.cells[i]))[o.edge, o.op_index] = 0.0
-            arch[f"cell_{i}"]["alpha"][o.edge, o.op_index] = pruning.REMOVED_ALPHA
+            cell = names.cell_name(i)
+            masks[cell].setdefault(names.OPS_MASK, pruning.active_matrix(spec.cells[i]))[o.edge, o.op_index] = 0.0
+            arch[cell]["alpha"][o.edge, o.op_index] = pruning.REMOVED_ALPHA
     start = n_ops
     for path, idx in units.leaves:
         pick = idx[chosen[start:start + idx.size]]
