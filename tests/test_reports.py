@@ -140,3 +140,50 @@ def test_figures_and_summary_render(tmp_path):
     out = reports.write_reports(str(tmp_path / "empty"))
     text = open(out["summary"]).read()
     assert "no exported or retrained architecture" in text and "no search metrics" in text
+
+
+def overlapping_texts(fig):
+    """Pairs of visible, non-empty texts of `fig` whose drawn boxes intersect."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    return [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]
+
+
+def test_a_large_cell_stays_readable(tmp_path, monkeypatch):
+    """29 ops in a 4-node cell (issue 18): every label is drawn, no two texts cover each other, the
+    font keeps its size and the figure grows with the op count."""
+    import dataclasses
+
+    from mgas_jax import supernet
+
+    full = supernet.full_cells(16, 8, 4)[2]
+    keep = sorted(np.random.default_rng(0).choice(len(full.ops), 29, replace=False))
+    big = dataclasses.replace(full, ops=tuple(full.ops[i] for i in keep))
+    figures = []
+    monkeypatch.setattr(reports, "_save", lambda fig, path: figures.append(fig) or path)
+    reports.draw_cell(big, str(tmp_path / "big.png"))
+    reports.draw_cell(CELL, str(tmp_path / "small.png"))
+    fig, small = figures
+    labels = [t.get_text() for t in fig.texts] + [t.get_text() for ax in fig.axes for t in ax.texts]
+    for o in big.ops:
+        assert reports.op_label(big, o) in labels
+    assert overlapping_texts(fig) == []
+    assert min(t.get_fontsize() for ax in fig.axes for t in ax.texts) >= 7
+    assert fig.get_size_inches()[1] > small.get_size_inches()[1]
+    monkeypatch.undo()
+    assert_png(reports.draw_cell(big, str(tmp_path / "big.png")))
+
+
+def test_search_records_ticks_are_whole_epochs(tmp_path, monkeypatch):
+    records = [dict(epoch=e, counts=dict(ops=10 - e, filters=20, filters_total=40, weights=50, weights_total=99),
+                    params=dict(nonzero=1000 - 10 * e)) for e in (7, 8)]
+    figures = []
+    monkeypatch.setattr(reports, "_save", lambda fig, path: figures.append(fig) or path)
+    reports.plot_search_records(records, str(tmp_path / "r.png"))
+    ax = figures[0].axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
