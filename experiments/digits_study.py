@@ -58,7 +58,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from mgas_jax import baselines, export, modes, reports, retrain, search  # noqa: E402
+from mgas_jax import baselines, export, modes, reports, retrain, search, workdirs  # noqa: E402
 from mgas_jax import checkpoint as checkpoint_lib  # noqa: E402
 from mgas_jax import config as config_lib  # noqa: E402
 
@@ -130,7 +130,7 @@ def run_seed(config, seed: int, root: str, methods) -> tuple[list, list]:
                 missing.append(dict(method=method, seed=seed, target=int(target), error=entry["error"]))
                 logging.warning("%s seed %d target %d: %s", method, seed, target, entry["error"])
                 continue
-            name = retrain.architecture_name(entry["path"])
+            name = workdirs.architecture_name(entry["path"])
             r = retrain.retrain_architecture(config, entry["path"], os.path.join(base, method, "retrain", name))
             runs.append(dict(method=method, seed=seed, target=int(target), params=r["params"], flops=r["flops"],
                              top1=r["test"]["top1"], top5=r["test"]["top5"], path=entry["path"]))
