@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from absl import logging
 from flax import traverse_util
 
@@ -449,11 +448,13 @@ def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSp
         p_train_step = make_train_step(config, model, tx, schedule, ds.mean, ds.std, mesh)
         p_eval_step = make_eval_step(model, ds.mean, ds.std, mesh)
 
-        writer = metrics.MetricWriter(workdir, enabled=chief)
         # Where the loop stands: epoch, batches of it done, learning-rate scale and rollbacks so far.
         pos = dict(epoch=0, batch=0, lr_scale=1.0, rollbacks=0)
         if latest is not None:
+            # Before anything is written: a checkpoint that cannot be read leaves the workdir as it was.
             state, pos = _restore(ckpt, latest, state)
+        writer = metrics.MetricWriter(workdir, enabled=chief)
+        if latest is not None:
             # Lines logged after the checkpoint by the interrupted run are logged again by this one.
             writer.truncate_after(int(state.step))
             logging.info("resumed from %s at epoch %d, batch %d (step %d)", ckpt.directory, pos["epoch"],
@@ -478,8 +479,8 @@ def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSp
                                                             shuffle=True, drop_remainder=True),
                                            pos["batch"], steps_per_epoch)
                 window, bad_step = [], None
-                bar = tqdm.tqdm(total=steps_per_epoch, initial=pos["batch"], desc=f"epoch {epoch + 1}/{t.epochs}",
-                                leave=False, disable=not (t.progress and chief))
+                bar = metrics.progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", enabled=t.progress and chief,
+                                           initial=pos["batch"])
                 for i, batch in enumerate(batches, start=pos["batch"]):
                     state, step_metrics = p_train_step(state, parallel.shard_batch(batch, mesh), rate, lr_scale)
                     window.append(step_metrics)
@@ -529,7 +530,8 @@ def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSp
         results["params"] = network.count_params(jax.device_get(state.params), jax.device_get(state.masks) or None)
         results.update(epochs=t.epochs, steps=int(state.step), rollbacks=pos["rollbacks"], config_hash=run_hash,
                        config=json.loads(json.dumps(config.to_dict(), default=_json_default)))
-        writer.write(int(state.step), t.epochs - 1, "test", results["test"])
+        if not writer.logged(int(state.step), "test"):  # a rerun of a finished run has logged it
+            writer.write(int(state.step), t.epochs - 1, "test", results["test"])
     finally:
         ckpt.close()  # an interrupted run still finishes writing its last checkpoint
         if writer is not None:
