@@ -16,9 +16,10 @@ the dotted key (`train.batch_size`), the value, and what is allowed, for
 Adding a section is adding entries: `SCHEMA['search'] = {'ops': Field(tuple, op_list(), '...'), ...}`
 and, for rules that involve several keys, `CROSS_CHECKS.append(fn)`. Nothing else changes.
 
-`config_hash(config)` hashes the *semantic* keys only (those whose Field has `semantic=True`, the
-default), so that flipping a progress bar or a logging interval does not make a resumed run look
-like a different experiment (see checkpoint.py).
+`run_identity(config, sections)` is the hash of what determines a run (logged at its start, checked
+when it resumes, written with its checkpoints and results): the *semantic* keys (Field.semantic, the
+default) of the sections the run reads, so that flipping a progress bar or a logging interval does not
+make a resumed run look like a different experiment (see checkpoint.py).
 """
 from __future__ import annotations
 
@@ -123,6 +124,16 @@ def each(check: Check) -> Check:
     return run
 
 
+def positive_ints(values) -> Optional[str]:
+    """A non-empty tuple of positive ints (bools are not ints here)."""
+    if not values:
+        return "must be a non-empty tuple of positive ints, e.g. (700000, 300000)"
+    for i, value in enumerate(values):
+        if type(value) is not int or value < 1:
+            return f"element {i} ({value!r}) must be a positive int, e.g. (700000, 300000)"
+    return None
+
+
 def op_list(allowed: Optional[Sequence[str]] = None, *, allow_empty: bool = False) -> Check:
     """A tuple of op names, each one of `allowed` (default: the 7 MGAS candidate ops, ops.OPS)."""
     def check(values):
@@ -150,8 +161,7 @@ def genotype_check(value: str) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The schema. A value that is a dict is a section; a Field is a key. The lead adds
-# SCHEMA['search'] and SCHEMA['export'] the same way.
+# The schema. A value that is a dict is a section; a Field is a key.
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
 DTYPES = ("float32", "bfloat16")
@@ -283,7 +293,7 @@ SCHEMA["search"] = {
 }
 
 SCHEMA["export"] = {
-    "targets": Field(tuple, each(in_range(1)), "parameter budgets (non-zero, aux excluded) to export"),
+    "targets": Field(tuple, positive_ints, "parameter budgets (non-zero, aux excluded) to export"),
     "architecture": Field((str, type(None)), None,
                           "mode=retrain/evaluate: the exported architecture JSON (None: every export of "
                           "the search in workdir/search/export)"),
@@ -344,7 +354,7 @@ CROSS_CHECKS: list[Callable[[Any, int], None]] = [_check_batches, _check_schedul
 
 # --------------------------------------------------------------------------------------------------
 
-def _type_name(t) -> str:
+def type_name(t) -> str:
     types = t if isinstance(t, tuple) else (t,)
     return " or ".join("None" if x is type(None) else x.__name__ for x in types)
 
@@ -402,15 +412,33 @@ def _walk(config, schema: dict, path: str) -> None:
             _walk(value, spec, dotted)
             continue
         if _is_section(value):
-            raise ConfigError(f"{dotted}: is a section, but must be a value of type {_type_name(spec.type)} "
+            raise ConfigError(f"{dotted}: is a section, but must be a value of type {type_name(spec.type)} "
                               f"({spec.doc})")
         if not _type_ok(value, spec.type):
-            raise ConfigError(f"{dotted} = {value!r}: must be of type {_type_name(spec.type)}, not "
+            raise ConfigError(f"{dotted} = {value!r}: must be of type {type_name(spec.type)}, not "
                               f"{type(value).__name__} ({spec.doc})")
         if spec.check is not None and value is not None:
             problem = spec.check(value)
             if problem:
                 raise ConfigError(f"{dotted} = {value!r}: {problem} ({spec.doc})")
+
+
+def field(dotted: str) -> Field:
+    """The Field of a dotted key ('train.epochs'); ConfigError naming the closest key when there is none.
+
+    main.py checks every `--config.<key>=...` override with it before the flag parser sees them.
+    """
+    node, path = SCHEMA, ""
+    for key in dotted.split("."):
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: unknown key; {path} is a value of type {type_name(node.type)}, "
+                              f"not a section ({node.doc})")
+        if key not in node:
+            raise _unknown_key(path, key, list(node))
+        node, path = node[key], _join(path, key)
+    if isinstance(node, dict):
+        raise ConfigError(f"{dotted} is a section, not a key; its keys are {', '.join(sorted(node))}")
+    return node
 
 
 def validate(config, *, device_count: Optional[int] = None) -> None:
@@ -504,10 +532,36 @@ def load_config(path: str, arg: Optional[str] = None):
     return module.get_config() if arg is None else module.get_config(arg)
 
 
-def config_hash(config) -> str:
-    """A short hash of the semantic keys: equal for configs that must produce the same numbers."""
-    text = json.dumps(semantic_dict(config), sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+TRAIN_SECTIONS = ("seed", "data", "model", "train")   # what a training (train.py) reads from the config
+SEARCH_SECTIONS = ("seed", "data", "search")           # what a search reads (not train.* or export.*, so
+                                                       # mode=all can change the retraining and still resume)
+
+
+def run_identity(config, sections: Optional[Sequence[str]] = None, **digests: str) -> tuple[str, dict]:
+    """(hash, identity) of what determines a run: the one hash that is logged, checked on resume and
+    written to results.json and the checkpoints.
+
+    Args:
+      config: the experiment config.
+      sections: the top-level keys the run reads (TRAIN_SECTIONS, SEARCH_SECTIONS); None: all of them.
+        Their non-semantic keys are left out, so a progress bar or a logging interval does not make a
+        resumed run look like another one.
+      digests: hashes of inputs from outside the config (a retraining's network and masks), stored as
+        `_<name>` in the identity.
+    Returns:
+      a 16-hex-digit hash and the identity dict it hashes (stored with checkpoints, so that a refused
+      resume can name the keys that differ).
+    """
+    semantic = semantic_dict(config)
+    identity = semantic if sections is None else {k: semantic[k] for k in sections if k in semantic}
+    identity.update({f"_{name}": value for name, value in digests.items()})
+    text = json.dumps(identity, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], identity
+
+
+def config_hash(config, sections: Optional[Sequence[str]] = None) -> str:
+    """The hash of `run_identity` alone: equal for configs that must produce the same numbers."""
+    return run_identity(config, sections)[0]
 
 
 def describe(schema: Optional[dict] = None, path: str = "") -> str:
@@ -519,7 +573,7 @@ def describe(schema: Optional[dict] = None, path: str = "") -> str:
         if isinstance(spec, dict):
             lines.append(describe(spec, dotted))
         else:
-            lines.append(f"{dotted:32s} {_type_name(spec.type):10s} {spec.doc}")
+            lines.append(f"{dotted:32s} {type_name(spec.type):10s} {spec.doc}")
     return "\n".join(lines)
 
 
