@@ -11,10 +11,16 @@ import pytest
 from test_cli_train import EXIT_NOISE, cache, cli, last_lines, snapshot  # noqa: F401 (cache: a fixture)
 
 
+# the shortest search that still records: one epoch per stage and of the final phase, no regrowth epochs
+SEARCH = ("--config.mode=search", "--config.search.warmup_epochs=0", "--config.search.max_stage_epochs=1",
+          "--config.search.final_max_epochs=1", "--config.search.regrow_fraction=0.0",
+          "--config.search.eval_records=False")
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, cache):
     workdir = tmp_path_factory.mktemp("search") / "run"
-    out = cli(workdir, "--config.mode=search", cache=cache)
+    out = cli(workdir, *SEARCH, cache=cache)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir, out
 
@@ -34,7 +40,7 @@ def test_a_budget_below_every_record_is_said_last_with_a_fitting_hint(searched):
     assert "final_size_floor" not in error
     ended = next(line for line in result["log"] if line.startswith("final phase ends: "))
     if "final_max_epochs" in ended:
-        assert "raise search.final_max_epochs (now 2)" in error
+        assert "raise search.final_max_epochs (now 1)" in error
     assert "search a smaller super-net (search.init_channels = 4, search.layers = 3)" in error
     assert last_lines(out.stdout, 1) == [f"export.targets 10: {error}"]
     assert error in "\n".join(last_lines(out.stderr, 2))
@@ -49,8 +55,8 @@ def test_corrupt_search_checkpoint_ends_the_output_and_changes_no_file(searched,
     victim = max(data, key=os.path.getsize)
     os.truncate(victim, os.path.getsize(victim) // 3)
     before = snapshot(workdir)
-    out = cli(workdir, "--config.mode=search", cache=cache)
-    assert out.returncode != 0
+    out = cli(workdir, *SEARCH, cache=cache)
+    assert out.returncode == 6, out.stderr[-3000:]  # main.py's status of this error
     tail = "\n".join(last_lines(out.stderr, 3))
     assert "CorruptCheckpointError" in tail and f"the checkpoint of step {max(steps)} in" in tail, out.stderr[-3000:]
     assert tail.endswith("out of the way; to start over, use another --workdir."), tail
