@@ -38,7 +38,7 @@ def test_notebook_runs_on_cpu_with_the_tiny_config(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, timeout=1500, kernel_name="python3",
+    client = NotebookClient(nb, timeout=2400, kernel_name="python3",
                             resources={"metadata": {"path": os.path.join(ROOT, "experiments")}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error
 
