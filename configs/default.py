@@ -1,6 +1,6 @@
 """Default config: retraining a fixed cell on CIFAR-10 with the authors' settings.
 
-mgas-method.md section 6: 600 epochs, batch 96, SGD lr 0.025 cosine to 0, momentum 0.9, wd 3e-4,
+docs/method.md section 6: 600 epochs, batch 96, SGD lr 0.025 cosine to 0, momentum 0.9, wd 3e-4,
 clip 5, crop (pad 4) + flip + Cutout 16, drop-path 0.2 ramped linearly, auxiliary weight 0.4,
 pools followed by BN. Every other config starts from this one and overrides what differs.
 Every key is declared (type, allowed values, doc) in mgas_jax/config.py; `validate` rejects the rest.
@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.rollback_lr_factor = 0.5
     train.max_rollbacks = 3
 
-    # ---- MGAS search (mode=search; mgas-method.md sections 1-5) -----------------------------------
+    # ---- MGAS search (mode=search; docs/method.md sections 1-5) -----------------------------------
     config.search = search = ml_collections.ConfigDict()
     # The search reads config.data with these three overrides (retraining uses data.* as they are):
     search.val_size = 5000         # held out of the training split; final-phase records report it

@@ -53,7 +53,7 @@ Full-scale reproduction (CIFAR-10, configs/cifar10.py, data prepared with TFDS; 
 
 Expected cost (estimates, one modern GPU; not measured here): each search on the 8-cell C=24 super-net is a
 multi-stage run of a few hundred epochs on 45k images, of the order of 1 GPU-day (by the ratios of section 7
-of mgas-method.md, comparable to 2nd-order DARTS' 1 GPU-day); each retraining is 600 epochs of batch 96 on
+of docs/method.md, comparable to 2nd-order DARTS' 1 GPU-day); each retraining is 600 epochs of batch 96 on
 50k images, about 0.5-1 GPU-day for a 0.3-0.7 M parameter network. 3 budgets x 4 methods x 3 seeds = 36
 retrainings and 6 searches: roughly 25-45 GPU-days in all, as independent jobs on separate machines.
 """

@@ -3,7 +3,7 @@
 The public names, loaded on first use (so `import mgas_jax.gates` stays as light as plain JAX, and
 no data-pipeline dependency such as TFDS is imported with the package):
 
-- `gates`: the discretization functions of the three granularities (plain JAX; mgas-method.md section 2).
+- `gates`: the discretization functions of the three granularities (plain JAX; docs/method.md section 2).
 - `Genotype`, `parse_genotype(text)`, `get_genotype(name_or_text)`: DARTS-family genotypes, parsed safely
   from their published text or looked up in `genotype.GENOTYPES` (DARTS_V1, DARTS_V2, PC_DARTS, PDARTS).
 - `CellSpec`, `OpSpec`: the cell description shared by the search, export and retraining (per-op

@@ -2,7 +2,7 @@
 
 1. **Operation level only** (`op_level_config`): the same search with filter- and weight-level search
    switched off (`search.filter_level = search.weight_level = False`): a DARTS-like sigmoid search with
-   learned thresholds on ops only (mgas-method.md sections 2-3 at one granularity). Its exports at the
+   learned thresholds on ops only (docs/method.md sections 2-3 at one granularity). Its exports at the
    targets come out of mode=search as usual; their sizes follow from op removal alone.
 
 2. **Fixed ratio** (`fixed_ratio_export`): an architecture's cells at full filter width (the op-level

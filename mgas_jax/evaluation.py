@@ -5,7 +5,7 @@
 For each model it reports
 
     test       {'top1', 'top5', 'loss'} on the test split of config.data (None for an untrained export)
-    params     {'dense', 'nonzero'}, auxiliary head excluded (mgas-method.md section 6)
+    params     {'dense', 'nonzero'}, auxiliary head excluded (docs/method.md section 6)
     flops      {'dense', 'nonzero'} multiply-adds per image (network.count_flops; 'nonzero' skips masked weights)
     throughput {'images_per_s', 'batch_size', 'steps', 'platform'}: the jit-compiled inference forward pass,
                timed over evaluate.throughput_steps batches after evaluate.throughput_warmup untimed ones

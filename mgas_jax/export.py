@@ -11,7 +11,7 @@ A record is a self-describing JSON (format `mgas-architecture/1`) plus an `.npz`
 The npz maps `cell_{i}/op_{node}_{src}_{op}/.../kernel` (the evaluation network's parameter paths) to
 0/1 masks; `load_architecture` turns both back into a NetworkSpec's cells and a `masks` collection.
 Files are written atomically (temporary file + rename); an export that exists with other content is
-never overwritten (mgas-method.md section 6; issue: nothing lost).
+never overwritten (docs/method.md section 6; issue: nothing lost).
 """
 from __future__ import annotations
 

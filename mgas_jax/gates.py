@@ -6,7 +6,7 @@ Everything here is plain JAX (no Flax), so other code bases can import it:
     g = gates.op_gate(alpha, t_op, committed, node_of_edge)   # (E, O) op gates
     w_masked = w * gates.weight_mask(w, t_w)
 
-Method reference: `mgas-method.md` section 2.
+Method reference: `docs/method.md` section 2.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loss terms of the MGAS search (mgas-method.md section 3), as pure functions.
+"""Loss terms of the MGAS search (docs/method.md section 3), as pure functions.
 
     L = CE(head_s(x), y) + lambda * (R_op + R_thr)
 """

@@ -15,7 +15,7 @@ What it writes into workdir/report/:
 
     cells/<arch>_cell<i>.png      each cell as a graph: states, one arrow per op, labelled with the op and
                                   its channel widths (sep: inner/out, dil and FactorizedReduce: out)
-    sparsity_<arch>.png           per cell, what is kept at each granularity (mgas-method.md section 2):
+    sparsity_<arch>.png           per cell, what is kept at each granularity (docs/method.md section 2):
                                   ops (of the 7 x edges candidates), filters (conv/preprocess output channels
                                   of the kept ops, of the super-net's full width), weights (non-zero of the
                                   kept kernels, from the masks)

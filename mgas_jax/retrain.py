@@ -1,6 +1,6 @@
 """Retraining exported MGAS architectures from scratch (mode=retrain), and the whole pipeline (mode=all).
 
-mgas-method.md section 6: the derived network keeps every op whose committed mask is 1, with its
+docs/method.md section 6: the derived network keeps every op whose committed mask is 1, with its
 per-op channel counts and its weight masks; it is retrained from scratch with the masks fixed (pruned
 weights stay exactly zero), BN after the pools, an auxiliary head when `config.model.auxiliary`, and the
 config's `train.*` protocol (CIFAR-10: 600 epochs, batch 96, SGD 0.025 cosine, ...).

@@ -1,6 +1,6 @@
 """The MGAS search loop: stages of growing depth, warm-up, commits, regrowth, the final phase.
 
-Read top to bottom, `search(config, workdir)` is the whole experiment (mgas-method.md sections 3-5):
+Read top to bottom, `search(config, workdir)` is the whole experiment (docs/method.md sections 3-5):
 
     for stage in 1, 2, 3, final:
         build the sub-net of the stage (earlier cells keep their state), reset thresholds, lambda = 0
@@ -92,7 +92,7 @@ Preempted = ckpt_lib.Preempted  # raised after a SIGTERM once the search has che
 # Optimisers: one per parameter group, routed by optax.partition
 
 def param_labels(trainable: dict) -> dict:
-    """'weights' for every network weight; arch leaves by name (mgas-method.md section 4)."""
+    """'weights' for every network weight; arch leaves by name (docs/method.md section 4)."""
     def label(path, _):
         if path[0].key == "params":
             return "weights"
@@ -133,7 +133,7 @@ def arch_momentum(opt_state, spec: supernet.SuperNetSpec) -> list:
 # Loss and step
 
 def regularizers(arch: dict, masks: dict, spec: supernet.SuperNetSpec) -> tuple[jax.Array, jax.Array]:
-    """(R_op, R_thr) over the committed ops of the built cells (mgas-method.md section 3)."""
+    """(R_op, R_thr) over the committed ops of the built cells (docs/method.md section 3)."""
     r_op = r_thr = jnp.float32(0.0)
     for i, cell in enumerate(spec.cells):
         a = arch[f"cell_{i}"]
@@ -401,7 +401,7 @@ class Searcher:
         `overrides` (collection -> numpy tree) replaces carried-over leaves first (e.g. sliced by a
         shrink or with new commits). `grows`: the new structure has tensors the old one lacks (new
         cells, a new head, regrown ops), which are initialised fresh. With new_optimizer=True (stage starts) the optimizer state starts
-        at zero; otherwise the momentum of every unchanged tensor carries over (mgas-method.md
+        at zero; otherwise the momentum of every unchanged tensor carries over (docs/method.md
         section 5: the optimizer state must follow every structural change).
         """
         old = {"params": state.params, "arch": state.arch, "batch_stats": state.batch_stats, "masks": state.masks}

@@ -3,7 +3,7 @@
     results = train.train_and_evaluate(config, workdir)                   # config.model.genotype
     results = train.train_and_evaluate(config, workdir, spec=spec, masks=masks)   # MGAS retraining
 
-The recipe is DARTS's evaluation training (mgas-method.md section 6): SGD with momentum, gradient-norm
+The recipe is DARTS's evaluation training (docs/method.md section 6): SGD with momentum, gradient-norm
 clip, weight decay, a cosine (or step) learning rate, drop-path ramped linearly over the epochs,
 cross-entropy with optional label smoothing plus a weighted auxiliary loss. With fixed weight masks
 (`spec.masked`) the pruned weights are zero from the start and stay exactly zero: their gradients are

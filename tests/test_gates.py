@@ -1,5 +1,5 @@
 """Tests of mgas_jax.gates: the hard step and its surrogate gradient, the three discretization functions,
-the op gate with the protection rule, and the DARTS edge layout (mgas-method.md section 2).
+the op gate with the protection rule, and the DARTS edge layout (docs/method.md section 2).
 
 Everything is plain JAX on tiny arrays; each key function runs with and without `jax.jit`.
 """
@@ -25,7 +25,7 @@ def dsigmoid(x):
 
 
 def surrogate(x):
-    """dH/dx of mgas-method.md section 2, written out independently of the library."""
+    """dH/dx of docs/method.md section 2, written out independently of the library."""
     a = np.abs(np.asarray(x, np.float64))
     return np.where(a <= 0.4, 2.0 - 4.0 * a, np.where(a <= 1.0, 0.4, 0.0))
 

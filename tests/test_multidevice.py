@@ -1,6 +1,6 @@
 """Data parallelism does not change the search: 8 devices give the numbers of 1 device.
 
-The global batch is the unit of the method (mgas-method.md section 4): split over 8 devices, the jitted
+The global batch is the unit of the method (docs/method.md section 4): split over 8 devices, the jitted
 step computes the same mean loss, the same gradients (all-reduced by XLA) and the same BatchNorm
 statistics (taken over the whole global batch) as on one device, up to the order of float additions.
 Two checks, each in a subprocess with 8 simulated CPU devices (XLA_FLAGS must be set before JAX starts):
