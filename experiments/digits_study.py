@@ -195,7 +195,7 @@ def _matched_exports(method: str, mgas_summary: dict, targets, out_dir: str, see
 
 def run_unit(config, unit: dict, root: str, methods, folds: int) -> tuple[list, list]:
     """Searches, baselines and retrainings of one unit; returns (runs, missing)."""
-    from mgas_jax import retrain, search  # here, not at the top: --dry_run and the tests need no JAX setup
+    from mgas_jax import retrain, search, workdirs  # here, not at the top: --dry_run and the tests need no JAX setup
     runs, missing = [], []
     config = unit_config(config, unit, folds)
     base = unit_dir(root, unit)
@@ -223,7 +223,7 @@ def run_unit(config, unit: dict, root: str, methods, folds: int) -> tuple[list, 
                 missing.append(dict(tag, method=method, target=int(target), error=entry["error"]))
                 logging.warning("%s %s target %d: %s", method, unit_name(unit), target, entry["error"])
                 continue
-            name = retrain.architecture_name(entry["path"])
+            name = workdirs.architecture_name(entry["path"])
             r = retrain.retrain_architecture(config, entry["path"], os.path.join(base, method, "retrain", name))
             with open(entry["path"]) as f:
                 val_accuracy = json.load(f).get("val_accuracy")  # the search's own, None for the pruned baselines

@@ -37,12 +37,34 @@ def assert_png(path):
 @pytest.fixture(scope="module")
 def everything(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("all")
-    result = modes.run(tiny_config(), str(workdir))
-    return workdir, result
+    validations = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config_lib, "validate", lambda config, **kw: validations.append(config.mode))
+        result = modes.run(tiny_config(), str(workdir))
+    return workdir, result, validations
+
+
+def test_mode_all_validates_its_config_once(everything):
+    """modes.run validates; the search, each retraining and training, and the evaluation it calls do not."""
+    assert everything[2] == ["all"]
+    # each entry point called on its own still validates its config, once
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config_lib, "validate", lambda config, **kw: calls.append(1))
+        with pytest.raises(FileNotFoundError):
+            evaluation.evaluate(tiny_config("evaluate"), str(everything[0] / "nothing_here"))
+        assert calls == [1]
+        # and a config changed after the run's validation is checked again inside the run
+        config = tiny_config("evaluate")
+        with config_lib.validated(config):
+            config.evaluate.throughput_steps = 3
+            with pytest.raises(FileNotFoundError):
+                evaluation.evaluate(config, str(everything[0] / "nothing_here"))
+        assert calls == [1, 1, 1]
 
 
 def test_all_mode_end_to_end(everything):
-    workdir, result = everything
+    workdir, result, _ = everything
     # search
     small = str(min(tiny_config().export.targets))  # below anything 3 tiny cells reach
     assert "path" in result["search"]["100000"] and "error" in result["search"][small]
@@ -76,7 +98,7 @@ def test_all_mode_end_to_end(everything):
 
 
 def test_evaluate_an_untrained_export(everything, tmp_path):
-    workdir, _ = everything
+    workdir, _, _ = everything
     shutil.copytree(workdir / "search" / "export", tmp_path / "search" / "export")
     config = tiny_config("evaluate")
     result = modes.run(config, str(tmp_path))

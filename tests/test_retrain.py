@@ -82,8 +82,8 @@ def test_rebuilt_networks_have_the_recorded_parameter_counts(searched, retrained
         record, spec, masks = export.load_architecture(rec["path"])
         for aux in (False, True):
             config.model.auxiliary = aux
-            spec = retrain.retraining_spec(config, record)
-            assert retrain.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
+            spec = export.retraining_spec(config, record)
+            assert export.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
     path, _, results = retrained
     with open(path) as f:
         record = json.load(f)
@@ -191,7 +191,7 @@ def test_flops_of_derived_cells_with_mid_and_out_index():
     masks[("cell_1", "op_0_0_sep_conv_3x3", "sep", "unit1", "dw", "kernel")].reshape(-1)[:3] = 0   # 3 x 4
     nested = traverse_util.unflatten_dict(masks)
     assert network.count_flops(spec, (4, 4, 1), nested) == 3184 - 5 * 16 - 3 * 4
-    assert retrain.flops(spec, (4, 4, 1), nested) == {"dense": 3184, "nonzero": 3184 - 92}
+    assert export.flops(spec, (4, 4, 1), nested) == {"dense": 3184, "nonzero": 3184 - 92}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_fixed_ratio_baseline_matches_the_mgas_count(searched, tmp_path):
     source, _, _ = export.load_architecture(src)
     record, spec, masks = export.load_architecture(path)   # a valid export: masks fit its network
     assert record["params"]["nonzero"] == source["params"]["nonzero"]
-    assert retrain.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
+    assert export.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
     # same ops, every filter back: widths of the super-net (C = 4, doubled at each reduction)
     assert [len(c["ops"]) for c in record["cells"]] == [len(c["ops"]) for c in source["cells"]]
     assert [c.width for c in spec.cells] == [4, 8, 16]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -273,16 +274,58 @@ def _synthetic(cfg: Any, **shard: int) -> Dataset:
 # ----------------------------------------------------------------------------- TFDS
 
 
+def _what_is_missing(tfds_name: str, root: str) -> str:
+    """What the data dir lacks, from the files themselves. tfds's own error is no guide: without
+    metadata it assumes the TFRECORD format and says the set 'is already prepared ... in the
+    FileFormat.TFRECORD format', also for a directory that does not exist."""
+    import tensorflow_datasets as tfds
+
+    def listing(path):
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "nothing"
+
+    if not os.path.isdir(root):
+        return f"the directory {root} does not exist"
+    folder = os.path.join(root, tfds_name)
+    if not os.path.isdir(folder):
+        return f"{root} has no {tfds_name}/ folder (it holds: {listing(root)})"
+    try:
+        version = str(tfds.builder_cls(tfds_name).VERSION)
+    except Exception:  # an unknown name: tfds's own error below says so
+        version = None
+    versions = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
+    if version is not None and version not in versions:
+        return (f"{folder} has no version {version}, the one this TFDS reads "
+                f"(it holds: {', '.join(versions) or 'nothing'})")
+    prepared = os.path.join(folder, version or (versions[-1] if versions else ""))
+    info_path = os.path.join(prepared, "dataset_info.json")
+    if not os.path.exists(info_path):
+        return f"{prepared} has no dataset_info.json: its preparation did not finish"
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            file_format = json.load(f).get("fileFormat", "tfrecord")
+    except (OSError, ValueError) as e:
+        return f"{info_path} cannot be read ({e})"
+    if file_format != "array_record":
+        return (f"{prepared} holds the set in {file_format} format; the loaders read array_record "
+                f"(random access)")
+    return f"{prepared} lacks files of the set"
+
+
 def _not_prepared_message(tfds_name: str, data_dir: str | None, error: BaseException) -> str:
     import tensorflow_datasets as tfds
-    looked_at = data_dir if data_dir is not None else f"{tfds.core.constants.DATA_DIR} (the TFDS default)"
+    root = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
+    looked_at = data_dir if data_dir is not None else f"{root} (the TFDS default)"
+    missing = _what_is_missing(tfds_name, root)
+    if not isinstance(error, NotImplementedError):  # a missing shard or split: tfds names it
+        missing += f" (tfds: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]})"
     manual = ""
     if tfds_name == "imagenet2012":
         manual = ("ImageNet cannot be downloaded by TFDS: first put ILSVRC2012_img_train.tar and "
                   "ILSVRC2012_img_val.tar into DIR/downloads/manual/. ")
     return (
-        f"The TFDS data set '{tfds_name}' is not prepared (in array_record format) in data_dir {looked_at}; "
-        f"tfds said: {type(error).__name__}: {error}\n"
+        f"The TFDS data set '{tfds_name}' is not prepared (in array_record format) in data_dir {looked_at}: "
+        f"{missing}.\n"
         f"This machine does not download data. Prepare it offline: {manual}on a machine with internet run\n"
         f"  tfds build {tfds_name} --data_dir DIR --file_format array_record\n"
         f"or\n"
