@@ -76,7 +76,7 @@ def test_frozen_groups_keep_values_and_optimizer_state(net, flags):
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 255, (8, 8, 8, 3), dtype=np.uint8), "label": rng.integers(0, 10, 8).astype(np.int32)}
     before = jax.tree.map(np.asarray, (state.params, state.arch, state.opt_state))
-    new, metrics = step(state, batch, jax.random.key(1), jnp.float32(0.1), jnp.asarray(flags, jnp.float32))
+    new, metrics = step(state, batch, jax.random.key(1), jnp.float32(0.1), search_step.GroupScales(*flags).asarrays())
     assert float(metrics["finite"]) == 1.0
     params_changed = any(np.any(a != b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(before[0])))
     arch_changed = any(np.any(a != b) for a, b in zip(jax.tree.leaves(new.arch), jax.tree.leaves(before[1])))
@@ -121,7 +121,7 @@ def _run_steps(spec, v, programs, flag_rows):
     for i, flags in enumerate(flag_rows):
         batch = {"image": rng.integers(0, 255, (8, 8, 8, 3), dtype=np.uint8),
                  "label": rng.integers(0, 10, 8).astype(np.int32)}
-        state, metrics = step(state, batch, jax.random.key(i), jnp.float32(0.05), jnp.asarray(flags, jnp.float32))
+        state, metrics = step(state, batch, jax.random.key(i), jnp.float32(0.05), search_step.GroupScales(*flags).asarrays())
         out.append(jax.device_get(metrics))
     return jax.device_get(state), out
 
