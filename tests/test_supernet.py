@@ -87,25 +87,6 @@ def test_frozen_groups_keep_values_and_optimizer_state(net, flags):
     assert any(np.any(a != b) for a, b in zip(w_state_new, w_state_old)) == bool(flags[0])
 
 
-@pytest.mark.parametrize("weight_level", [True, False])
-def test_records_of_both_search_kinds_have_a_mask_for_every_kernel(weight_level):
-    """The op-level baseline (weight_level False) has no weight masks: its records get all-ones masks,
-    so that retraining reads them like any export; with the weight level the masks are the search's."""
-    from mgas_jax import export
-
-    spec = supernet.SuperNetSpec(supernet.full_cells(C, LAYERS, STEPS), num_classes=10, stem_channels=3 * C,
-                                 head="classifier", impl="lax", filter_level=weight_level,
-                                 weight_level=weight_level)
-    masks = jax.device_get(supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))["masks"])
-    rec = export.make_record(spec, masks, (8, 8, 3), index=0, epoch=0, config={}, seed=0,
-                             val_accuracy=float("nan"), stem_channels=3 * C)
-    flat = export.derived_masks(masks, rec, weight_level=weight_level)
-    kernels = [p for p in flat if "/dw/" in p or "/pw/" in p or p.endswith("/kernel")]
-    assert kernels and all(np.all(np.asarray(flat[p]) == 1) for p in kernels)  # nothing pruned yet
-    assert rec["params"]["nonzero"] == rec["params"]["dense"] > 0
-    export.check_masks(export._network_shapes(rec)["masks"], flat, where="the test record")
-
-
 def _state(tx, v):
     v = jax.tree.map(jnp.array, v)  # the step donates its state: a fresh copy each time
     trainable = {"params": v["params"], "arch": v["arch"]}
