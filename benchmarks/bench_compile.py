@@ -1,8 +1,8 @@
 """Where the XLA compile time of a search step goes, and one idea that does not cut it.
 
-Part 1 compiles pieces of the one-level search step of a full super-net (`search.make_loss`, its
-gradient, and the update of `search.make_step`, each compiled alone): the forward pass, the forward and backward
-pass (`jax.grad`), the optimizer update (`search.make_optimizer`, every group, plus the finite check),
+Part 1 compiles pieces of the one-level search step of a full super-net (`search_step.make_loss`, its
+gradient, and the update of `search_step.make_step`, each compiled alone): the forward pass, the forward and backward
+pass (`jax.grad`), the optimizer update (`search_step.make_optimizer`, every group, plus the finite check),
 and the whole step. For each: compile seconds and the number of fusions in the compiled program (each
 fusion is a kernel the backend generates code for).
 
@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from bench_search_step import CIFAR_MEAN, CIFAR_STD, OPTIMIZER  # noqa: E402
-from mgas_jax import kernels, losses, search, supernet  # noqa: E402
+from mgas_jax import kernels, losses, search_step, supernet  # noqa: E402
 
 
 def _compile(fn, *args):
@@ -53,16 +53,16 @@ def _compile(fn, *args):
 
 def step_pieces(args) -> None:
     spec = supernet.SuperNetSpec(supernet.full_cells(args.channels, args.layers), args.classes, 3 * args.channels)
-    tx = search.make_optimizer(types.SimpleNamespace(**OPTIMIZER))
+    tx = search_step.make_optimizer(types.SimpleNamespace(**OPTIMIZER))
     key = jax.random.key(0, impl="rbg")
     v = supernet.init_variables(spec, key, (args.image, args.image, 3))
     trainable = {"params": v["params"], "arch": v["arch"]}
-    state = search.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
-                               batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
+    state = search_step.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
+                                    batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(args.batch, args.image, args.image, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, args.classes, (args.batch,)), jnp.int32)
-    loss_fn = search.make_loss(spec)   # the step's own loss
+    loss_fn = search_step.make_loss(spec)   # the step's own loss
 
     def forward(state, images, labels):
         return loss_fn({"params": state.params, "arch": state.arch}, state.batch_stats, state.masks, images,
@@ -78,7 +78,7 @@ def step_pieces(args) -> None:
         return optax.apply_updates(trainable, updates), opt_state, losses.all_finite(grads)
 
     data_cfg = ml_collections.ConfigDict(dict(crop_padding=0, flip=False, cutout=0, autoaugment=False))
-    step = search.make_step(spec, tx, data_cfg, jnp.asarray(CIFAR_MEAN), jnp.asarray(CIFAR_STD))
+    step = search_step.make_step(spec, tx, data_cfg, jnp.asarray(CIFAR_MEAN), jnp.asarray(CIFAR_STD))
     batch = {"image": jnp.zeros((args.batch, args.image, args.image, 3), jnp.uint8), "label": labels}
     grads = {"params": state.params, "arch": state.arch}
     print(f"part 1: pieces of the search step; {args.layers} cells, batch {args.batch}, C {args.channels}, "

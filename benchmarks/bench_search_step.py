@@ -12,14 +12,14 @@ masks on), one-level search (weights, alpha, beta and thresholds all updated), `
     python benchmarks/bench_search_step.py --programs cell --remat # the step as per-cell programs, remat
     python benchmarks/bench_search_step.py --programs edge --remat # ... as per-edge programs, remat
 
-Ours is `search.make_step` (the jit-compiled step the search runs), measured in a fresh subprocess
+Ours is `search_step.make_step` (the jit-compiled step the search runs), measured in a fresh subprocess
 per configuration so that each side's peak RSS is its own. It reports the trace (lower) and XLA
 compile times, the mean ms per step over `--steps` steps after `--warmup` steps (each waited for
 with block_until_ready), images/s, peak RSS, XLA's buffer assignment for the step (arguments,
 outputs and temporaries: the step's own memory, without the compiler's) and, on an accelerator, the
 device's peak bytes in use; on Linux also `run_rss_mb`, the highest RSS while the timed steps run (the
 memory of running the step, without the compiler's peak). `--programs cell` (`edge`) measures the step
-as a chain of per-cell (per-edge) programs (`search.make_step(..., programs='cell')`); its compile_s
+as a chain of per-cell (per-edge) programs (`search_step.make_step(..., programs='cell')`); its compile_s
 is the first step's time less one step's run (tracing included), and it has no single buffer
 assignment (no xla_step_mb). Our side's malloc keeps freed memory, as `mgas_jax.main` sets it up
 (`modes.keep_freed_host_memory`; `--system-malloc` leaves glibc's defaults; `malloc=` in its line).
@@ -72,26 +72,26 @@ def measure_ours(args, stage: int | None = None) -> dict:
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from mgas_jax import kernels, modes, search, supernet
+    from mgas_jax import kernels, modes, search_step, supernet
 
     # as mgas_jax.main does (config.keep_freed_host_memory): the figures are what a search gets
     kept = modes.keep_freed_host_memory() if not args.system_malloc else False
     spec = stage_spec(args, stage)
     data_cfg = ml_collections.ConfigDict(dict(crop_padding=0, flip=False, cutout=0, autoaugment=False))
-    tx = search.make_optimizer(types.SimpleNamespace(**OPTIMIZER))
+    tx = search_step.make_optimizer(types.SimpleNamespace(**OPTIMIZER))
     key = jax.random.key(0, impl="rbg")   # rbg: XLA CPU compiles threefry's bit mixing slowly
     t0 = time.perf_counter()
     v = supernet.init_variables(spec, key, (args.image, args.image, 3))
     init_s = time.perf_counter() - t0
     trainable = {"params": v["params"], "arch": v["arch"]}
-    state = search.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
-                               batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
+    state = search_step.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
+                                    batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (args.batch, args.image, args.image, 3), dtype=np.uint8)),
              "label": jnp.asarray(rng.integers(0, args.classes, (args.batch,), dtype=np.int32))}
     lam, flags = jnp.float32(1e-5), jnp.ones((5,), jnp.float32)
-    step = search.make_step(spec, tx, data_cfg, jnp.asarray(CIFAR_MEAN), jnp.asarray(CIFAR_STD),
-                            programs=args.programs)
+    step = search_step.make_step(spec, tx, data_cfg, jnp.asarray(CIFAR_MEAN), jnp.asarray(CIFAR_STD),
+                                 programs=args.programs)
 
     xla_mb = None
     if args.programs == "step":
@@ -202,18 +202,16 @@ def run_ours(args, stage=None, **override) -> dict:
     raise RuntimeError(f"our step failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def run_reference(args, device: str, **override) -> dict:
-    if not os.path.exists(REFERENCE):
-        raise FileNotFoundError(f"the PyTorch reference is not at {REFERENCE}; it lives in shared/bench/ "
+def run_torch(script: str, prefix: str, flags: list) -> dict:
+    """Runs a PyTorch yardstick in a subprocess; its `prefix... key=value` line as a dict (+ line, wall_s)."""
+    if not os.path.exists(script):
+        raise FileNotFoundError(f"the PyTorch reference is not at {script}; it lives in shared/bench/ "
                                 f"beside the repository")
-    a = dict(vars(args), **override)
-    cmd = [sys.executable, REFERENCE, f"--batch={a['batch']}", f"--channels={a['channels']}",
-           f"--layers={a['layers']}", f"--image={a['image']}", f"--classes={a['classes']}",
-           f"--steps={a['steps']}", f"--warmup={a['warmup']}", f"--device={device}"]
+    cmd = [sys.executable, script, *flags]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("torch-reference")), None)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith(prefix)), None)
     if proc.returncode or line is None:
         hint = " (install it with: pip install -e .[bench])" if "No module named 'torch'" in proc.stderr else ""
         raise RuntimeError(f"the PyTorch reference failed{hint}:\n{proc.stderr[-3000:]}")
@@ -221,6 +219,14 @@ def run_reference(args, device: str, **override) -> dict:
     out = {k: (v if k == "device" else float(v)) for k, v in fields.items()}
     out.update(line=line, wall_s=wall)
     return out
+
+
+def run_reference(args, device: str, **override) -> dict:
+    a = dict(vars(args), **override)
+    return run_torch(REFERENCE, "torch-reference",
+                     [f"--batch={a['batch']}", f"--channels={a['channels']}", f"--layers={a['layers']}",
+                      f"--image={a['image']}", f"--classes={a['classes']}", f"--steps={a['steps']}",
+                      f"--warmup={a['warmup']}", f"--device={device}"])
 
 
 def _ours_line(o: dict) -> str:

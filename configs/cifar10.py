@@ -1,4 +1,4 @@
-"""CIFAR-10 retraining with the authors' settings (mgas-method.md section 6).
+"""CIFAR-10 retraining with the authors' settings (docs/method.md section 6).
 
 The default config already is this setting; the values are restated here so that this file reads as
 the experiment: 600 epochs, batch 96, SGD lr 0.025 cosine to 0, momentum 0.9, wd 3e-4, clip 5,

@@ -1,4 +1,4 @@
-"""CIFAR-100 retraining (mgas-method.md section 6): the CIFAR-10 recipe with batch 64, lr 0.02, wd 5e-4.
+"""CIFAR-100 retraining (docs/method.md section 6): the CIFAR-10 recipe with batch 64, lr 0.02, wd 5e-4.
 
     python -m mgas_jax.main --config=configs/cifar100.py --workdir=/tmp/c100 --config.data.data_dir=DIR
 """

@@ -1,6 +1,6 @@
 """Default config: retraining a fixed cell on CIFAR-10 with the authors' settings.
 
-mgas-method.md section 6: 600 epochs, batch 96, SGD lr 0.025 cosine to 0, momentum 0.9, wd 3e-4,
+docs/method.md section 6: 600 epochs, batch 96, SGD lr 0.025 cosine to 0, momentum 0.9, wd 3e-4,
 clip 5, crop (pad 4) + flip + Cutout 16, drop-path 0.2 ramped linearly, auxiliary weight 0.4,
 pools followed by BN. Every other config starts from this one and overrides what differs.
 Every key is declared (type, allowed values, doc) in mgas_jax/config.py; `validate` rejects the rest.
@@ -38,6 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
     # 50k and report the test split. The search holds out a validation split (section 4).
     data.val_size = 0
     data.train_fraction = 1.0      # share of the (remaining) training split used, class-balanced
+    # digits only: 0 = the fixed stratified 80/20 test split; k >= 2 = a stratified k-fold split of all
+    # 1797 images whose fold `fold` is the test split and the other k-1 folds the training split
+    # (validation is held out of those). `fold_repeat` seeds the assignment: repetition r of the k-fold
+    # split tests every image once (experiments/digits_study.py runs folds x repetitions x seeds).
+    data.folds = 0
+    data.fold = 0
+    data.fold_repeat = 0
     data.image_size = 32           # model input side; used by imagenet (resize) and synthetic
     data.num_classes = 10          # classes of 'synthetic'; the other data sets know their own
     data.synthetic_size = 1024     # examples per split of 'synthetic'
@@ -85,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.rollback_lr_factor = 0.5
     train.max_rollbacks = 3
 
-    # ---- MGAS search (mode=search; mgas-method.md sections 1-5) -----------------------------------
+    # ---- MGAS search (mode=search; docs/method.md sections 1-5) -----------------------------------
     config.search = search = ml_collections.ConfigDict()
     # The search reads config.data with these three overrides (retraining uses data.* as they are):
     search.val_size = 5000         # held out of the training split; final-phase records report it

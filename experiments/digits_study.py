@@ -37,7 +37,7 @@ Full-scale reproduction (CIFAR-10, configs/cifar10.py; data prepared with TFDS):
 
 Expected cost of the full-scale run (estimates, one modern GPU; not measured here): each search on the
 8-cell C=24 super-net at evaluation size is a multi-stage run of a few hundred epochs on 45k images,
-of the order of 1 GPU-day (by the ratios of section 7 of mgas-method.md, comparable to 2nd-order DARTS'
+of the order of 1 GPU-day (by the ratios of section 7 of docs/method.md, comparable to 2nd-order DARTS'
 1 GPU-day and well above PC-DARTS' 0.1); each retraining is 600 epochs of batch 96 on 50k images, about
 0.5-1 GPU-day for a 0.3-0.7 M parameter network. With 3 targets x 3 methods x 3 seeds = 27 retrainings and
 6 searches: roughly 20-35 GPU-days in all. Searches and retrainings are independent jobs; run them on
@@ -58,7 +58,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from mgas_jax import baselines, export, modes, reports, retrain, search  # noqa: E402
+from mgas_jax import baselines, export, modes, reports, retrain, search, workdirs  # noqa: E402
 from mgas_jax import checkpoint as checkpoint_lib  # noqa: E402
 from mgas_jax import config as config_lib  # noqa: E402
 
@@ -130,7 +130,7 @@ def run_seed(config, seed: int, root: str, methods) -> tuple[list, list]:
                 missing.append(dict(method=method, seed=seed, target=int(target), error=entry["error"]))
                 logging.warning("%s seed %d target %d: %s", method, seed, target, entry["error"])
                 continue
-            name = retrain.architecture_name(entry["path"])
+            name = workdirs.architecture_name(entry["path"])
             r = retrain.retrain_architecture(config, entry["path"], os.path.join(base, method, "retrain", name))
             runs.append(dict(method=method, seed=seed, target=int(target), params=r["params"], flops=r["flops"],
                              top1=r["test"]["top1"], top5=r["test"]["top5"], path=entry["path"]))

@@ -3,7 +3,9 @@
 The public names, loaded on first use (so `import mgas_jax.gates` stays as light as plain JAX, and
 no data-pipeline dependency such as TFDS is imported with the package):
 
-- `gates`: the discretization functions of the three granularities (plain JAX; mgas-method.md section 2).
+- `gates`: the discretization functions of the three granularities (plain JAX; docs/method.md section 2).
+- `prune`: MGAS's filter- and weight-level search on any Flax Linen or NNX model's params pytree (spec by
+  path pattern, gates, R_thr, the optimizer groups, commits, physical channel removal).
 - `Genotype`, `parse_genotype(text)`, `get_genotype(name_or_text)`: DARTS-family genotypes, parsed safely
   from their published text or looked up in `genotype.GENOTYPES` (DARTS_V1, DARTS_V2, PC_DARTS, PDARTS).
 - `CellSpec`, `OpSpec`: the cell description shared by the search, export and retraining (per-op
@@ -35,17 +37,19 @@ _EXPORTS = {
     "count_flops": "mgas_jax.network",
 }
 
-__all__ = ["gates", *_EXPORTS]
+_MODULES = ("gates", "prune")
+
+__all__ = [*_MODULES, *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from mgas_jax import gates
+    from mgas_jax import gates, prune
     from mgas_jax.genotype import CellSpec, Genotype, OpSpec, get_genotype, parse_genotype
     from mgas_jax.network import Network, NetworkSpec, build_network, count_flops, count_params
 
 
 def __getattr__(name: str):
-    if name == "gates":
-        return importlib.import_module("mgas_jax.gates")
+    if name in _MODULES:
+        return importlib.import_module(f"mgas_jax.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -1,8 +1,8 @@
-"""The two baselines MGAS is compared with at equal size.
+"""The baselines MGAS is compared with at equal size.
 
 1. **Operation level only** (`op_level_config`): the same search with filter- and weight-level search
    switched off (`search.filter_level = search.weight_level = False`): a DARTS-like sigmoid search with
-   learned thresholds on ops only (mgas-method.md sections 2-3 at one granularity). Its exports at the
+   learned thresholds on ops only (docs/method.md sections 2-3 at one granularity). Its exports at the
    targets come out of mode=search as usual; their sizes follow from op removal alone.
 
 2. **Fixed ratio** (`fixed_ratio_export`): an architecture's cells at full filter width (the op-level
@@ -19,6 +19,11 @@
 
    The result is an export-format JSON + npz (`export.FORMAT`) that retrain.py consumes like a search
    export; its `baseline` field records the source, the ratio and the magnitudes used.
+
+3. **Random architecture** (`random_export`), the standard NAS sanity check: cells drawn at random from
+   the same search space (as many ops per cell as the matched export, on random edges, every prunable
+   width drawn at random), then pruned like the fixed-ratio baseline to exactly the matched export's
+   non-zero count. If MGAS's search is worth its cost, its networks beat these at equal size.
 
     base = baselines.fixed_ratio_export("w/search/export/arch_20000.json", "w/fixed_ratio/export")
     results = retrain.retrain_architecture(config, base, "w/fixed_ratio/retrain/arch_20000")
@@ -37,7 +42,7 @@ from flax import traverse_util
 
 from mgas_jax import export
 from mgas_jax import genotype as genotype_lib
-from mgas_jax import network, supernet
+from mgas_jax import network, ops as ops_lib, supernet
 
 
 def op_level_config(config):
@@ -123,28 +128,41 @@ def _filters(cell: genotype_lib.CellSpec) -> int:
     return n
 
 
-def fixed_ratio_export(source_json: str, out_dir: str, *, target: Optional[int] = None, seed: int = 0,
-                       params: Optional[dict] = None, name: Optional[str] = None) -> str:
-    """Writes the fixed-ratio baseline of an exported architecture; returns its JSON path.
+def _masked_kernel(path: tuple) -> bool:
+    """The conv kernels that carry weight masks (and that MGAS prunes weight by weight): sep/dil convs."""
+    return "sep" in path or "dil" in path
 
-    Args:
-      source_json: an export-format JSON (an MGAS export, or the op-level baseline's).
-      out_dir: where to write `<name>.json` and `<name>.npz`.
-      target: non-zero parameters to match; default the source's own non-zero count.
-      seed: seeds the fresh initialisation whose magnitudes decide the masks (when params is None).
-      params: optional `params` collection of the full-width network to take magnitudes from instead.
-      name: file name without extension; default the source's (e.g. arch_20000).
-    Returns:
-      the JSON path; its record has params['nonzero'] == target exactly, and a 'baseline' field
-      {'kind': 'fixed_ratio', 'keep_ratio', 'source', 'source_params', 'magnitudes', 'seed'}.
-    Raises:
-      export.ExportError: the target cannot be met (the dense parameters outside the masked kernels
-        already exceed it, or it exceeds the full-width network).
+
+def parameter_split(spec: network.NetworkSpec, input_shape) -> tuple[int, list[int]]:
+    """(parameters outside the masked kernels, the masked kernels' sizes) of an evaluation network.
+
+    Computed from the spec without tracing (network.conv_layers), so a sampler can size many draws:
+    every kernel of conv_layers, a BatchNorm scale and bias after each non-depthwise conv except the
+    classifier (FactorizedReduce's two halves share one BN of their summed width) and after each pool
+    (pool_bn), and the classifier's bias. `tests/test_baselines.py` checks it against the traced count.
     """
-    with open(source_json) as f:
-        source = json.load(f)
-    target = int(source["params"]["nonzero"] if target is None else target)
-    cells = full_width_cells(source)
+    fixed, masked = 0, []
+    for path, shape, _ in network.conv_layers(spec, input_shape):
+        size = int(np.prod(shape))
+        if _masked_kernel(path):
+            masked.append(size)
+        else:
+            fixed += size
+        if path[0] != "classifier" and "dw" not in path:
+            fixed += 2 * shape[-1]
+    for cell in spec.cells:
+        pools = sum(1 for o in cell.ops if o.op.endswith("pool_3x3"))
+        fixed += 2 * cell.width * pools if spec.pool_bn else 0
+    return fixed + spec.num_classes, masked
+
+
+def _pruned_export(source: dict, cells: tuple, out_dir: str, name: str, *, target: int, seed: int,
+                   params: Optional[dict], what: str, baseline: dict) -> str:
+    """Writes `cells`, uniformly magnitude-pruned to exactly `target` non-zero parameters, as an export.
+
+    The record copies the source's fields (config, classes, stem, input shape, target) and records
+    `baseline` (with the keep ratio and the magnitudes used) in its 'baseline' field.
+    """
     spec = network.NetworkSpec(cells=cells, num_classes=int(source["num_classes"]),
                                stem_channels=int(source["stem_channels"]), pool_bn=True, masked=True)
     shape = (1,) + tuple(source["input_shape"])
@@ -166,8 +184,8 @@ def fixed_ratio_export(source_json: str, out_dir: str, *, target: Optional[int] 
         why = (f"{fixed} of them lie outside the {len(sizes)} prunable conv kernels (which keep at least one "
                f"weight each)" if target - fixed < len(sizes) else "fewer than the target")
         raise export.ExportError(
-            f"the fixed-ratio baseline of {source_json} cannot have {target} non-zero parameters: its full-width "
-            f"network has {dense} parameters, {why}; uniform weight pruning alone cannot reach it")
+            f"{what} cannot have {target} non-zero parameters: its network has {dense} parameters, {why}; "
+            f"uniform weight pruning alone cannot reach it")
     counts = uniform_keep_counts(sizes, target - fixed)
     masks_flat = magnitude_masks(params, kernel_paths, counts)
 
@@ -177,16 +195,142 @@ def fixed_ratio_export(source_json: str, out_dir: str, *, target: Optional[int] 
     kept_filters = sum(_filters(c) for c in cells)
     record["counts"] = dict(ops=sum(len(c.ops) for c in cells), filters=kept_filters, filters_total=kept_filters,
                             weights=int(sum(counts)), weights_total=int(sum(sizes)))
-    record["baseline"] = dict(kind="fixed_ratio", keep_ratio=(target - fixed) / sum(sizes),
-                              source=os.path.abspath(source_json), source_params=source["params"],
-                              magnitudes=magnitudes, seed=int(seed))
-    name = name or os.path.splitext(os.path.basename(source_json))[0]
+    record["baseline"] = dict(baseline, keep_ratio=(target - fixed) / sum(sizes), magnitudes=magnitudes,
+                              seed=int(seed))
     record["masks"] = f"{name}.npz"
     record["params"] = export.network_params(record, masks_flat)
     if record["params"]["nonzero"] != target:  # the construction above makes this exact
-        raise export.ExportError(f"fixed-ratio baseline: {record['params']['nonzero']} non-zero parameters, "
-                                 f"target {target}")
+        raise export.ExportError(f"{what}: {record['params']['nonzero']} non-zero parameters, target {target}")
     export.write_once(os.path.join(out_dir, f"{name}.npz"), export.npz_bytes(masks_flat))
     path = os.path.join(out_dir, f"{name}.json")
     export.write_once(path, export.json_bytes(record))
     return os.path.abspath(path)
+
+
+def _read_source(source_json: str, target: Optional[int]) -> tuple[dict, int]:
+    with open(source_json) as f:
+        source = json.load(f)
+    return source, int(source["params"]["nonzero"] if target is None else target)
+
+
+def fixed_ratio_export(source_json: str, out_dir: str, *, target: Optional[int] = None, seed: int = 0,
+                       params: Optional[dict] = None, name: Optional[str] = None) -> str:
+    """Writes the fixed-ratio baseline of an exported architecture; returns its JSON path.
+
+    Args:
+      source_json: an export-format JSON (an MGAS export, or the op-level baseline's).
+      out_dir: where to write `<name>.json` and `<name>.npz`.
+      target: non-zero parameters to match; default the source's own non-zero count.
+      seed: seeds the fresh initialisation whose magnitudes decide the masks (when params is None).
+      params: optional `params` collection of the full-width network to take magnitudes from instead.
+      name: file name without extension; default the source's (e.g. arch_20000).
+    Returns:
+      the JSON path; its record has params['nonzero'] == target exactly, and a 'baseline' field
+      {'kind': 'fixed_ratio', 'keep_ratio', 'source', 'source_params', 'magnitudes', 'seed'}.
+    Raises:
+      export.ExportError: the target cannot be met (the dense parameters outside the masked kernels
+        already exceed it, or it exceeds the full-width network).
+    """
+    source, target = _read_source(source_json, target)
+    name = name or os.path.splitext(os.path.basename(source_json))[0]
+    return _pruned_export(source, full_width_cells(source), out_dir, name, target=target, seed=seed, params=params,
+                          what=f"the fixed-ratio baseline of {source_json}",
+                          baseline=dict(kind="fixed_ratio", source=os.path.abspath(source_json),
+                                        source_params=source["params"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Random architectures of equal size
+
+def _channels(rng: np.random.Generator, width: int) -> tuple:
+    """A uniformly drawn count 1..width of channels, at uniformly drawn positions (sorted)."""
+    return tuple(int(i) for i in np.sort(rng.choice(width, size=int(rng.integers(1, width + 1)), replace=False)))
+
+
+def random_cell(rng: np.random.Generator, full: genotype_lib.CellSpec, num_ops: int) -> genotype_lib.CellSpec:
+    """A cell drawn from the search space of `full` (one cell of the unpruned super-net).
+
+    `num_ops` distinct (edge, op) pairs, uniformly among the draws that give every node at least one
+    input op (so every node is computed); then every part the search can narrow gets a uniformly drawn
+    width (1..C channels at random positions): both preprocess layers, each conv op's output and a
+    sep_conv's inner width, a reduction skip's FactorizedReduce.
+    """
+    pairs = [(o.node, o.src, o.op) for o in full.ops]
+    if not full.steps <= num_ops <= len(pairs):
+        raise ValueError(f"a cell of {full.steps} nodes and {len(pairs)} candidate ops cannot hold {num_ops} ops "
+                         f"(at least one per node)")
+    while True:  # rejection: uniform over the valid op sets; a valid draw has probability >= ~0.05
+        chosen = sorted(rng.choice(len(pairs), size=num_ops, replace=False))
+        if len({pairs[k][0] for k in chosen}) == full.steps:
+            break
+    width, ops = full.width, []
+    for k in chosen:
+        node, src, op = pairs[k]
+        if op in ops_lib.CONV_OPS:
+            mid = int(rng.integers(1, width + 1)) if op.startswith("sep_conv") else None
+            ops.append(genotype_lib.OpSpec(node, src, op, mid=mid, out_index=_channels(rng, width)))
+        elif op == "skip_connect" and full.reduction and src < 2:
+            ops.append(genotype_lib.OpSpec(node, src, op, out_index=_channels(rng, width)))
+        else:
+            ops.append(genotype_lib.OpSpec(node, src, op))
+    return dataclasses.replace(full, ops=tuple(ops), pre0_index=_channels(rng, width),
+                               pre1_index=_channels(rng, width))
+
+
+def random_export(source_json: str, out_dir: str, *, seed, target: Optional[int] = None,
+                  name: Optional[str] = None, max_draws: int = 10_000) -> str:
+    """Writes a random architecture of the same size as an exported one; returns its JSON path.
+
+    The cells are drawn from the search space of the source's super-net (its search config: layers,
+    steps, init_channels), each with as many ops as the source's cell (so the draw differs in which
+    ops and widths, not in how many; `random_cell`). A draw whose size cannot be pruned to the target
+    (parameters outside the prunable kernels above it, or the whole network below it) is redrawn. The
+    drawn network is then pruned like the fixed-ratio baseline: one keep ratio for every sep/dil kernel,
+    magnitudes of a fresh initialisation, to exactly `target` non-zero parameters.
+
+    Args:
+      source_json: the export to match (an MGAS export).
+      out_dir: where to write `<name>.json` and `<name>.npz`.
+      seed: an int or a sequence of ints; the draw and the initialisation are a pure function of
+        (the source's cell layout, seed, target).
+      target: non-zero parameters; default the source's own count.
+      name: file name without extension; default the source's.
+      max_draws: draws tried before giving up.
+    Returns:
+      the JSON path; its record has params['nonzero'] == target and a 'baseline' field
+      {'kind': 'random', 'draws', 'source', 'source_params', 'keep_ratio', 'magnitudes', 'seed'}.
+    Raises:
+      export.ExportError: no draw of max_draws can reach the target, or the source has no search config.
+    """
+    source, target = _read_source(source_json, target)
+    s = (source.get("config") or {}).get("search")
+    if not s:
+        raise export.ExportError(f"{source_json} has no search config: the random baseline draws from the search "
+                                 f"space it describes (search.init_channels, layers, steps)")
+    full = supernet.full_cells(int(s["init_channels"]), int(s["layers"]), int(s["steps"]))
+    like = genotype_lib.cells_from_json(source["cells"])
+    if len(like) != len(full):
+        raise export.ExportError(f"{source_json}: {len(like)} cells, but its search config builds {len(full)}")
+    seq = [int(x) for x in np.atleast_1d(seed)] + [target]
+    rng = np.random.default_rng(seq)
+    shape = tuple(source["input_shape"])
+    smallest = None
+    for draw in range(1, max_draws + 1):
+        cells = tuple(random_cell(rng, f, len(c.ops)) for f, c in zip(full, like))
+        spec = network.NetworkSpec(cells=cells, num_classes=int(source["num_classes"]),
+                                   stem_channels=int(source["stem_channels"]), pool_bn=True, masked=True)
+        fixed, masked = parameter_split(spec, shape)
+        smallest = fixed + len(masked) if smallest is None else min(smallest, fixed + len(masked))
+        if fixed + len(masked) <= target <= fixed + sum(masked):
+            break
+    else:
+        raise export.ExportError(
+            f"no random architecture of {max_draws} draws from the search space of {source_json} can be pruned to "
+            f"{target} non-zero parameters (the smallest drawn needs {smallest}: stem, preprocess, BN and classifier "
+            f"are not pruned); match a larger export")
+    init_seed = int(rng.integers(2 ** 31))
+    name = name or os.path.splitext(os.path.basename(source_json))[0]
+    return _pruned_export(source, cells, out_dir, name, target=target, seed=init_seed, params=None,
+                          what=f"the random architecture matched to {source_json}",
+                          baseline=dict(kind="random", draws=draw, source=os.path.abspath(source_json),
+                                        source_params=source["params"]))

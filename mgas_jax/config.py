@@ -22,16 +22,26 @@ like a different experiment (see checkpoint.py).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
+import functools
 import hashlib
+import importlib.util
 import json
 import math
+import os
 from typing import Any, Callable, Optional, Sequence, Union
 
+import jax
 import ml_collections
 
-from mgas_jax import modes
+from mgas_jax import genotype as genotype_lib
+from mgas_jax import ops as ops_lib
+
+MODE_NAMES = ("train", "search", "retrain", "evaluate", "all")
+"""The values of `config.mode`; modes.MODES maps each to its function."""
 
 # A check takes a value (already of the declared type) and returns None when it is fine, or a short
 # description of what is allowed ("must be > 0") when it is not.
@@ -116,7 +126,6 @@ def each(check: Check) -> Check:
 def op_list(allowed: Optional[Sequence[str]] = None, *, allow_empty: bool = False) -> Check:
     """A tuple of op names, each one of `allowed` (default: the 7 MGAS candidate ops, ops.OPS)."""
     def check(values):
-        from mgas_jax import ops as ops_lib  # lazy: the op table lives with the ops
         names = tuple(ops_lib.OPS if allowed is None else allowed)
         if not values and not allow_empty:
             return f"must name at least one op of {', '.join(names)}"
@@ -133,7 +142,6 @@ def op_list(allowed: Optional[Sequence[str]] = None, *, allow_empty: bool = Fals
 
 def genotype_check(value: str) -> Optional[str]:
     """A registered genotype name or a DARTS `Genotype(...)` string that genotype.py can parse."""
-    from mgas_jax import genotype as genotype_lib  # lazy: parsing belongs to genotype.py
     try:
         genotype_lib.get_genotype(value)
     except (ValueError, TypeError, SyntaxError, KeyError) as e:
@@ -163,7 +171,7 @@ def _nan_policy_fields(what: str) -> dict:
     }
 
 SCHEMA: dict[str, Any] = {
-    "mode": Field(str, one_of(*modes.MODE_NAMES), "what to run (see mgas_jax/modes.py)", semantic=False),
+    "mode": Field(str, one_of(*MODE_NAMES), "what to run (see mgas_jax/modes.py)", semantic=False),
     "seed": Field(int, non_negative, "seeds parameters, data order, augmentation and drop-path"),
     "compilation_cache_dir": Field(str, None, "where compiled XLA programs are kept, so a resumed or repeated "
                                    "run loads them instead of compiling ('' = JAX's setting, else "
@@ -177,6 +185,10 @@ SCHEMA: dict[str, Any] = {
                           semantic=False),
         "val_size": Field(int, non_negative, "training examples held out as the validation split"),
         "train_fraction": Field(float, fraction, "class-balanced fraction of the training split used"),
+        "folds": Field(int, non_negative, "digits: k of a stratified k-fold split of all images "
+                       "(0 = the fixed 80/20 split)"),
+        "fold": Field(int, non_negative, "data.folds > 0: the fold used as the test split"),
+        "fold_repeat": Field(int, non_negative, "data.folds > 0: the repetition (seeds the fold assignment)"),
         "image_size": Field(int, positive, "side of the (square) images fed to the network"),
         "num_classes": Field(int, non_negative, "classes (0 = the data set's own count)"),
         "synthetic_size": Field(int, positive, "examples of the 'synthetic' data set"),
@@ -313,7 +325,21 @@ def _check_search(config, device_count: int) -> None:
         raise ConfigError("search.init_channels * search.stem_multiplier must be positive")
 
 
-CROSS_CHECKS: list[Callable[[Any, int], None]] = [_check_batches, _check_schedule, _check_search]
+def _check_folds(config, device_count: int) -> None:
+    del device_count
+    folds, fold = config.data.folds, config.data.fold
+    if folds == 0:
+        return
+    if config.data.name != "digits":
+        raise ConfigError(f"data.folds = {folds}: k-fold splits are implemented for digits only "
+                          f"(data.name = {config.data.name!r} has a fixed test split); set data.folds = 0")
+    if folds < 2:
+        raise ConfigError(f"data.folds = {folds}: a k-fold split needs k >= 2 (0 = off)")
+    if fold >= folds:
+        raise ConfigError(f"data.fold = {fold}: must lie in [0, data.folds = {folds})")
+
+
+CROSS_CHECKS: list[Callable[[Any, int], None]] = [_check_batches, _check_schedule, _check_search, _check_folds]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,10 +422,48 @@ def validate(config, *, device_count: Optional[int] = None) -> None:
     """
     _walk(config, SCHEMA, "")
     if device_count is None:
-        import jax  # lazy: validating a config file needs no backend
         device_count = jax.device_count()
     for cross_check in CROSS_CHECKS:
         cross_check(config, device_count)
+
+
+# The config the current run has validated, by content (see `validated`).
+_VALIDATED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mgas_validated_config", default=None)
+
+
+def _content(config) -> str:
+    to_dict = getattr(config, "to_dict", None)
+    return json.dumps(to_dict() if to_dict else config, sort_keys=True, default=repr)
+
+
+@contextlib.contextmanager
+def validated(config):
+    """Validates `config` once for everything run inside the block.
+
+    A run starts here (modes.run); the entry points it calls (train.train_and_evaluate, search.search,
+    retrain.retrain, ...) are decorated with `validates`, so they check a config only when they are
+    called on their own, and a config they receive from the run is not checked again. A config whose
+    content differs from the validated one (a copy changed by the caller) is checked.
+    """
+    content = _content(config)
+    if _VALIDATED.get() == content:
+        yield
+        return
+    validate(config)
+    token = _VALIDATED.set(content)
+    try:
+        yield
+    finally:
+        _VALIDATED.reset(token)
+
+
+def validates(fn: Callable) -> Callable:
+    """Decorates an entry point `fn(config, ...)`: its config is validated first (see `validated`)."""
+    @functools.wraps(fn)
+    def run(config, *args, **kwargs):
+        with validated(config):
+            return fn(config, *args, **kwargs)
+    return run
 
 
 def semantic_dict(config, schema: Optional[dict] = None) -> dict:
@@ -430,8 +494,6 @@ def load_config(path: str, arg: Optional[str] = None):
     Config files use it to start from their sibling default.py without making configs/ a package:
         config = config_lib.load_config(os.path.join(os.path.dirname(__file__), "default.py"))
     """
-    import importlib.util
-    import os
     path = os.path.abspath(path)
     name = "_mgas_config_" + hashlib.sha1(path.encode()).hexdigest()[:8]
     spec = importlib.util.spec_from_file_location(name, path)

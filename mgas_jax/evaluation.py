@@ -5,7 +5,7 @@
 For each model it reports
 
     test       {'top1', 'top5', 'loss'} on the test split of config.data (None for an untrained export)
-    params     {'dense', 'nonzero'}, auxiliary head excluded (mgas-method.md section 6)
+    params     {'dense', 'nonzero'}, auxiliary head excluded (docs/method.md section 6)
     flops      {'dense', 'nonzero'} multiply-adds per image (network.count_flops; 'nonzero' skips masked weights)
     throughput {'images_per_s', 'batch_size', 'steps', 'platform'}: the jit-compiled inference forward pass,
                timed over evaluate.throughput_steps batches after evaluate.throughput_warmup untimed ones
@@ -40,7 +40,7 @@ from absl import logging
 from mgas_jax import checkpoint as checkpoint_lib
 from mgas_jax import config as config_lib
 from mgas_jax import data as data_lib
-from mgas_jax import export, network, parallel, retrain, train
+from mgas_jax import export, network, parallel, train, workdirs
 
 
 @dataclasses.dataclass
@@ -62,61 +62,54 @@ class Model:
 
 
 def _has_checkpoint(run_dir: str) -> bool:
-    return (os.path.isfile(os.path.join(run_dir, "config.json"))
-            and bool(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]*"))))
+    return (os.path.isfile(os.path.join(run_dir, workdirs.RUN_CONFIG))
+            and bool(glob.glob(os.path.join(run_dir, workdirs.CHECKPOINTS, "[0-9]*"))))
 
 
-def _load(path: str) -> Model:
+def _load(path: str, name: str, run_dir: Optional[str] = None) -> Model:
+    """The export or retraining copy at `path`; `run_dir` its retraining when that has a checkpoint."""
     record, _, masks = export.load_architecture(path)
-    return Model(name="", source=path, record=record, masks=masks, run_dir=None)
+    trained = run_dir is not None and _has_checkpoint(run_dir)
+    return Model(name=name, source=path, record=record, masks=masks, run_dir=run_dir if trained else None)
 
 
 def find_models(config, workdir: str) -> list[Model]:
     """The models mode=evaluate reports (see the module doc for the rules)."""
     workdir = os.path.abspath(workdir)
     if config.export.architecture:
-        path = retrain.resolve_architecture(config.export.architecture, workdir)
-        m = _load(path)
-        m.name = retrain.architecture_name(path)
-        run_dir = os.path.join(workdir, "retrain", m.name)
-        m.run_dir = run_dir if _has_checkpoint(run_dir) else None
-        return [m]
-    models = []
-    for path in sorted(glob.glob(os.path.join(workdir, "retrain", "*", retrain.ARCH_JSON))):
-        m = _load(path)
-        run_dir = os.path.dirname(path)
-        m.name = os.path.basename(run_dir)
-        m.run_dir = run_dir if _has_checkpoint(run_dir) else None
-        models.append(m)
+        path = workdirs.resolve_architecture(config.export.architecture, workdir)
+        name = workdirs.architecture_name(path)
+        return [_load(path, name, workdirs.retrain_dir(workdir, name))]
+    models = [_load(path, os.path.basename(os.path.dirname(path)), os.path.dirname(path))
+              for path in workdirs.retrained(workdir)]
     seen = {m.name for m in models}
-    for path in sorted(glob.glob(os.path.join(retrain.export_dir(workdir), "arch_*.json"))):
-        name = retrain.architecture_name(path)
+    for path in sorted(workdirs.exports(workdir)):
+        name = workdirs.architecture_name(path)
         if name not in seen:
-            m = _load(path)
-            m.name = name
-            models.append(m)
+            models.append(_load(path, name))
     if not models and _has_checkpoint(workdir):
         models.append(Model(name=os.path.basename(workdir) or "model", source=workdir, record=None, masks=None,
                             run_dir=workdir))
     if not models:
         raise FileNotFoundError(
-            f"nothing to evaluate in {workdir}: no retraining (retrain/<name>/{retrain.ARCH_JSON}), no export "
-            f"({retrain.export_dir(workdir)}/arch_*.json) and no mode=train checkpoint; run mode=search, retrain "
-            f"or all there first, or name an export with --config.export.architecture=<path.json>")
-    models.sort(key=lambda m: -retrain.target_of(m.name + ".json"))
+            f"nothing to evaluate in {workdir}: no retraining ({workdirs.RETRAIN}/<name>/{workdirs.ARCH_JSON}), "
+            f"no export ({workdirs.export_dir(workdir)}/arch_*.json) and no mode=train checkpoint; run "
+            f"mode=search, retrain or all there first, or name an export with "
+            f"--config.export.architecture=<path.json>")
+    models.sort(key=lambda m: -workdirs.target_of(m.name + ".json"))
     return models
 
 
 def run_config(run_dir: str):
     """The config that wrote a training run (its config.json), as a ConfigDict."""
-    with open(os.path.join(run_dir, "config.json")) as f:
+    with open(os.path.join(run_dir, workdirs.RUN_CONFIG)) as f:
         return ml_collections.ConfigDict(json.load(f)["config"])
 
 
 def model_spec(model: Model, config, num_classes: int) -> network.NetworkSpec:
     """The network of a model as trained by `config` (its run's own config for a checkpoint)."""
     if model.record is not None:
-        return retrain.retraining_spec(config, model.record)
+        return export.retraining_spec(config, model.record)
     return train.spec_from_config(config, num_classes)
 
 
@@ -127,7 +120,7 @@ def restore(model: Model, spec: network.NetworkSpec, image_shape, mesh) -> tuple
     # steps_per_epoch (inside the schedule) does not change it.
     tx = train.make_optimizer(cfg, 1)
     like = train.create_train_state(cfg, spec, jax.random.key(0), image_shape, tx=tx, masks=model.masks, mesh=mesh)
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(model.run_dir, "checkpoints"), max_to_keep=1_000_000)
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(model.run_dir, workdirs.CHECKPOINTS), max_to_keep=1_000_000)
     try:
         step = ckpt.latest_step()
         meta = ckpt.meta(step)
@@ -195,8 +188,8 @@ def evaluate_model(config, model: Model, ds, mesh) -> dict:
     host = jax.device_get(variables)
     out["params"] = network.count_params(host["params"], host.get("masks"))
     if model.record is not None and model.record.get("params"):
-        retrain.check_params(model.record, out["params"], model.source)
-    out["flops"] = retrain.flops(spec, ds.image_shape, host.get("masks"))
+        export.check_params(model.record, out["params"], model.source)
+    out["flops"] = export.flops(spec, ds.image_shape, host.get("masks"))
     e = config.evaluate
     out["throughput"] = throughput(spec, variables, ds.image_shape, batch_size=e.throughput_batch_size,
                                    warmup=e.throughput_warmup, steps=e.throughput_steps, mesh=mesh)
@@ -206,13 +199,13 @@ def evaluate_model(config, model: Model, ds, mesh) -> dict:
     return out
 
 
+@config_lib.validates
 def evaluate(config, workdir: str) -> dict:
     """mode=evaluate: evaluates `find_models(config, workdir)`; writes and returns workdir/evaluation.json.
 
     Returns:
       {'models': {name: evaluate_model's dict}, 'data': data set name, 'split': 'test'}.
     """
-    config_lib.validate(config)
     workdir = os.path.abspath(workdir)
     models = find_models(config, workdir)
     ds = data_lib.load(config.data, process_index=jax.process_index(), process_count=jax.process_count())
@@ -226,5 +219,5 @@ def evaluate(config, workdir: str) -> dict:
         logging.info("%s: %s; %d / %d params (non-zero / dense), %d multiply-adds%s", m.name, top1,
                      r["params"]["nonzero"], r["params"]["dense"], r["flops"]["nonzero"], speed)
     if jax.process_index() == 0:
-        export.write_json(os.path.join(workdir, "evaluation.json"), result)
+        export.write_json(os.path.join(workdir, workdirs.EVALUATION), result)
     return result

@@ -11,7 +11,7 @@ A record is a self-describing JSON (format `mgas-architecture/1`) plus an `.npz`
 The npz maps `cell_{i}/op_{node}_{src}_{op}/.../kernel` (the evaluation network's parameter paths) to
 0/1 masks; `load_architecture` turns both back into a NetworkSpec's cells and a `masks` collection.
 Files are written atomically (temporary file + rename); an export that exists with other content is
-never overwritten (mgas-method.md section 6; issue: nothing lost).
+never overwritten (docs/method.md section 6; issue: nothing lost).
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import hashlib
 import io
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mgas_jax import genotype as genotype_lib
@@ -195,11 +196,16 @@ def network_spec(record: dict, *, auxiliary: bool = False, **kwargs) -> network.
                                auxiliary=auxiliary, pool_bn=True, masked=True, **kwargs)
 
 
+def variable_shapes(spec: network.NetworkSpec, input_shape: Sequence[int]) -> dict:
+    """The variable shapes (params, batch_stats, masks) of Network(spec) on (H, W, C) inputs; no compute."""
+    x = jax.ShapeDtypeStruct((1,) + tuple(int(s) for s in input_shape), jnp.float32)
+    return jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), jnp.zeros(x.shape, x.dtype),
+                                                             train=False))
+
+
 def _network_shapes(record: dict) -> dict:
     """The variable shapes (params, batch_stats, masks) of the record's network, without computing them."""
-    spec = network_spec(record)
-    x = np.zeros((1,) + tuple(record["input_shape"]), np.float32)
-    return jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), x, train=False))
+    return variable_shapes(network_spec(record), record["input_shape"])
 
 
 def network_params(record: dict, masks_flat: dict) -> dict:
@@ -307,12 +313,42 @@ def load_architecture(json_path: str) -> tuple[dict, network.NetworkSpec, dict]:
             flat = {k: z[k].astype(np.float32) for k in z.files}
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot read the weight masks {mask_path} of {json_path}: {e}") from e
-    x = np.zeros((1,) + tuple(rec["input_shape"]), np.float32)
-    shapes = jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), x, train=False))
-    check_masks(shapes.get("masks", {}), flat, where=json_path)
+    check_masks(variable_shapes(spec, rec["input_shape"]).get("masks", {}), flat, where=json_path)
     return rec, spec, _nest(flat)
 
 
 def content_hash(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# The retraining network of a record and its size checks
+
+def retraining_spec(config, record: dict) -> network.NetworkSpec:
+    """The network a record is retrained as: its cells and widths, BN after pools, fixed weight masks,
+    the auxiliary head per config.model.auxiliary, compute dtype per config.model.dtype."""
+    dtype = None if config.model.dtype == "float32" else jnp.dtype(config.model.dtype)
+    return network_spec(record, auxiliary=bool(config.model.auxiliary), dtype=dtype)
+
+
+def rebuilt_params(spec: network.NetworkSpec, input_shape: Sequence[int], masks: dict) -> dict:
+    """{'dense', 'nonzero'} parameters of Network(spec) with `masks` (auxiliary head excluded); no compute."""
+    return network.count_params(variable_shapes(spec, input_shape)["params"], masks)
+
+
+def check_params(record: dict, counts: dict, where: str) -> None:
+    """Raises ExportError unless `counts` equal the record's {'dense', 'nonzero'} parameters."""
+    recorded = {k: int(record["params"][k]) for k in ("dense", "nonzero")}
+    got = {k: int(counts[k]) for k in ("dense", "nonzero")}
+    if got != recorded:
+        raise ExportError(
+            f"{where}: the rebuilt network has {got['dense']} dense / {got['nonzero']} non-zero parameters, but "
+            f"the architecture records {recorded['dense']} dense / {recorded['nonzero']} non-zero (auxiliary head "
+            f"excluded). The export and this code disagree on the network; re-export it with this version.")
+
+
+def flops(spec: network.NetworkSpec, input_shape: Sequence[int], masks: Optional[dict]) -> dict:
+    """Multiply-adds per image: {'dense': all conv/linear weights, 'nonzero': only unmasked weights}."""
+    return {"dense": network.count_flops(spec, input_shape),
+            "nonzero": network.count_flops(spec, input_shape, masks)}

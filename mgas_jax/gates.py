@@ -6,7 +6,7 @@ Everything here is plain JAX (no Flax), so other code bases can import it:
     g = gates.op_gate(alpha, t_op, committed, node_of_edge)   # (E, O) op gates
     w_masked = w * gates.weight_mask(w, t_w)
 
-Method reference: `mgas-method.md` section 2.
+Method reference: `docs/method.md` section 2.
 """
 from __future__ import annotations
 
@@ -101,7 +101,32 @@ def edge_sources(steps: int = 4) -> np.ndarray:
     return np.concatenate([np.arange(2 + j) for j in range(steps)]).astype(np.int32)
 
 
-def protect_last_op(live: jax.Array, active: jax.Array, alpha: jax.Array, node_of_edge) -> jax.Array:
+def node_onehot(node_of_edge, num_nodes: int | None = None, dtype=jnp.float32) -> jax.Array:
+    """(E, N) one-hot of the node each edge feeds: row e is 1 at node_of_edge[e].
+
+    Args:
+      node_of_edge: (E,) int node index of each edge (`edge_nodes(steps)`): a numpy or JAX array,
+        also a traced one (an argument of a jitted function).
+      num_nodes: N, static. None: `E`, an upper bound of the node count (a node is fed by at least
+        one edge), so the width never depends on the values and the function jits with
+        node_of_edge as an ordinary argument. Columns of nodes that no edge feeds are all zero,
+        which leaves every per-node sum and argmax below unchanged.
+    Raises:
+      ValueError: a concrete node index outside [0, N) (a traced one cannot be checked).
+    """
+    n = int(np.shape(node_of_edge)[0]) if num_nodes is None else int(num_nodes)
+    try:
+        concrete = np.asarray(node_of_edge)
+    except jax.errors.TracerArrayConversionError:
+        concrete = None
+    if concrete is not None and concrete.size and (concrete.min() < 0 or concrete.max() >= n):
+        raise ValueError(f"node_of_edge holds node indices {concrete.min()}..{concrete.max()}, outside "
+                         f"[0, {n}) (num_nodes = {n}); pass num_nodes = the number of nodes")
+    return jax.nn.one_hot(node_of_edge, n, dtype=dtype)
+
+
+def protect_last_op(live: jax.Array, active: jax.Array, alpha: jax.Array, node_of_edge,
+                    num_nodes: int | None = None) -> jax.Array:
     """Protection rule: the last remaining op into a node is never masked.
 
     For every node whose live mask would switch off all of its still-active ops, the active op with
@@ -111,13 +136,14 @@ def protect_last_op(live: jax.Array, active: jax.Array, alpha: jax.Array, node_o
       live: (E, O) 0/1 live mask (already ANDed with `active`).
       active: (E, O) 0/1 committed (still present) ops.
       alpha: (E, O) op scores.
-      node_of_edge: (E,) int node index of each edge (`edge_nodes()`).
+      node_of_edge: (E,) int node index of each edge (`edge_nodes()`); an array, traced or not, so
+        `jax.jit(protect_last_op)` needs no static arguments.
+      num_nodes: static number of nodes (see `node_onehot`; None: E, always enough).
     Returns:
       (E, O) 0/1 protected mask.
     """
-    node_of_edge = np.asarray(node_of_edge)  # static: it fixes the shapes below
-    n_nodes = int(node_of_edge.max()) + 1
-    onehot = jax.nn.one_hot(node_of_edge, n_nodes, dtype=live.dtype)  # (E, N)
+    onehot = node_onehot(node_of_edge, num_nodes, live.dtype)  # (E, N)
+    n_nodes = onehot.shape[1]
     live_per_node = jnp.einsum("eo,en->n", live, onehot)
     # Best still-active op of every node: argmax of alpha over the node's (edge, op) pairs.
     masked_alpha = jnp.where(active > 0, alpha, -jnp.inf)
@@ -125,12 +151,13 @@ def protect_last_op(live: jax.Array, active: jax.Array, alpha: jax.Array, node_o
     flat = per_node.reshape(n_nodes, -1)
     best = jax.nn.one_hot(jnp.argmax(flat, axis=1), flat.shape[1], dtype=live.dtype).reshape(per_node.shape)
     has_active = jnp.any(jnp.isfinite(flat), axis=1)
-    rescue = (live_per_node == 0) & has_active  # (N,)
+    rescue = (live_per_node == 0) & has_active  # (N,): a node no edge feeds has no active op
     keep = jnp.einsum("n,neo->eo", rescue.astype(live.dtype), best)
     return jnp.maximum(live, keep)
 
 
-def op_gate(alpha: jax.Array, t_op: jax.Array, active: jax.Array, node_of_edge) -> tuple[jax.Array, jax.Array]:
+def op_gate(alpha: jax.Array, t_op: jax.Array, active: jax.Array, node_of_edge,
+            num_nodes: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Op-level discretization: gates sigma(alpha) * m with m = protect(H(sigma(alpha) - t_op) * active).
 
     The hard step keeps its surrogate gradient; the protection only ever switches a mask on: a
@@ -141,14 +168,20 @@ def op_gate(alpha: jax.Array, t_op: jax.Array, active: jax.Array, node_of_edge) 
       alpha: (E, O) op scores of one cell.
       t_op: (E, O) op thresholds.
       active: (E, O) 0/1 committed mask (0 = removed op).
-      node_of_edge: (E,) node of each edge.
+      node_of_edge: (E,) int node of each edge (`edge_nodes(steps)`), a numpy or JAX array; under
+        `jax.jit(op_gate)` it is an ordinary (traced) argument.
+      num_nodes: static number of nodes (see `node_onehot`; None: E, always enough).
     Returns:
       (gates (E, O), live mask (E, O) 0/1 after protection).
+
+    Example (a 4-node DARTS cell: 14 edges x 7 ops):
+
+        gate, live = jax.jit(gates.op_gate)(alpha, t_op, active, gates.edge_nodes(4))
     """
     p = jax.nn.sigmoid(alpha)
     step = hard_step(p - t_op) * active
     live = jax.lax.stop_gradient(step)
-    protected = protect_last_op(live, active, jax.lax.stop_gradient(alpha), node_of_edge)
+    protected = protect_last_op(live, active, jax.lax.stop_gradient(alpha), node_of_edge, num_nodes)
     # where protection switched a mask on, use 1 (no gradient) instead of the step's 0
     mask = step + jax.lax.stop_gradient(protected - live)
     return p * mask, protected

@@ -1,4 +1,4 @@
-"""Loss terms of the MGAS search (mgas-method.md section 3), as pure functions.
+"""Loss terms of the MGAS search (docs/method.md section 3), as pure functions.
 
     L = CE(head_s(x), y) + lambda * (R_op + R_thr)
 """
@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from mgas_jax import gates
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -19,21 +20,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
-def op_sparsity(alpha: jax.Array, active: jax.Array, node_of_edge) -> jax.Array:
+def op_sparsity(alpha: jax.Array, active: jax.Array, node_of_edge, num_nodes: int | None = None) -> jax.Array:
     """R_op of one cell: sum over nodes j and active ops (e, o) into j of log(1 + n_j sigma(alpha) / S_j).
 
     S_j is the sum of sigma(alpha) over the active ops into node j and n_j their number (the released
     code takes n_j of every node from node 0's mask; we use each node's own count).
 
     Args:
-      alpha: (E, O) op scores; active: (E, O) 0/1 committed ops; node_of_edge: (E,) node of each edge.
+      alpha: (E, O) op scores; active: (E, O) 0/1 committed ops.
+      node_of_edge: (E,) int node of each edge (`gates.edge_nodes(steps)`), traced or not.
+      num_nodes: static number of nodes (`gates.node_onehot`; None: E, always enough).
     Returns:
       scalar.
     """
-    node_of_edge = np.asarray(node_of_edge)  # static: it fixes the shapes below
-    n_nodes = int(node_of_edge.max()) + 1
     p = jax.nn.sigmoid(alpha) * active
-    onehot = jax.nn.one_hot(node_of_edge, n_nodes, dtype=p.dtype)  # (E, N)
+    onehot = gates.node_onehot(node_of_edge, num_nodes, p.dtype)  # (E, N)
     s = jnp.einsum("eo,en->n", p, onehot)
     n = jnp.einsum("eo,en->n", active, onehot)
     s_e = onehot @ s  # (E,) S of each edge's node

@@ -25,12 +25,12 @@ def main(argv):
         parallel.initialize_multihost()
     checkpoint.quiet_orbax_logs()
     config = FLAGS.config
-    # Before any compute: a typo in a key should cost seconds, not an epoch.
-    config_lib.validate(config)
-    logging.info("mode=%s workdir=%s config hash=%s", config.mode, FLAGS.workdir, config_lib.config_hash(config))
-    modes.setup_compilation_cache(config, FLAGS.workdir)
-    modes.setup_host_memory(config)
-    modes.run(config, FLAGS.workdir)
+    # Before any compute: a typo in a key should cost seconds, not an epoch. Validated once for the run.
+    with config_lib.validated(config):
+        logging.info("mode=%s workdir=%s config hash=%s", config.mode, FLAGS.workdir, config_lib.config_hash(config))
+        modes.setup_compilation_cache(config, FLAGS.workdir)
+        modes.setup_host_memory(config)
+        modes.run(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

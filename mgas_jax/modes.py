@@ -1,11 +1,11 @@
-"""The run modes: one function `(config, workdir) -> result` per `config.mode`.
+"""The run modes: one function `(config, workdir) -> result` per `config.mode`, and the pipeline.
 
-main.py validates the config and calls `run(config, workdir)`, which looks the mode up in `MODES`.
-Each entry imports its module lazily, so `--config=...` with mode=train never imports the search code
-(and config.py can import this file to know the mode names without pulling in JAX).
+    result = modes.run(config, workdir)      # validates config once, then runs config.mode
 
-Registration: a mode whose entry is None is declared (config validation accepts its name) but not
-implemented yet; `run` then says so. To implement one, replace None with a function below.
+`MODES` maps each name of config.MODE_NAMES to its function: train.train_and_evaluate, search.search,
+retrain.retrain, evaluation.evaluate and `run_all` (search -> retrain -> evaluate -> reports). The
+process set-up a run needs before its first compilation (compilation cache, host allocator) is here
+too; main.py calls it.
 """
 from __future__ import annotations
 
@@ -14,52 +14,49 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
+import jax
 from absl import logging
+
+from mgas_jax import config as config_lib
+from mgas_jax import evaluation, export, reports, retrain, search, train, workdirs
 
 RunFn = Callable[[Any, str], Any]
 
 
-def _train(config, workdir: str):
-    """mode=train: train a fixed genotype (config.model.genotype) from scratch, then test it."""
-    from mgas_jax import train
-    return train.train_and_evaluate(config, workdir)
+@config_lib.validates
+def run_all(config, workdir: str) -> dict:
+    """mode=all: search -> retrain every exported target -> evaluate -> reports, in sub-folders of workdir.
+
+    Each part resumes: the search from its checkpoints (a finished search only re-exports, which finds
+    the same files), each retraining from its own, evaluation and reports are recomputed. The layout of
+    the workdir is workdirs.py's.
+    Returns {'search': summary, 'retrain': {name: test/params/flops}, 'evaluation', 'report'}.
+    """
+    workdir = os.path.abspath(workdir)
+    searched = search.search(config, workdirs.search_dir(workdir))
+    exported = [v["path"] for _, v in sorted(searched["summary"].items(), key=lambda kv: -int(kv[0]))
+                if "path" in v]
+    for target, v in searched["summary"].items():
+        if "error" in v:
+            logging.warning("target %s not exported: %s", target, v["error"])
+    retrained = retrain.retrain(config, workdir, exported) if exported else {}
+    evaluated = evaluation.evaluate(config, workdir) if exported else {}
+    report = reports.write_reports(workdir)
+    result = dict(search=searched["summary"],
+                  retrain={k: {f: r[f] for f in ("test", "params", "flops")} for k, r in retrained.items()},
+                  evaluation=evaluated, report=report)
+    if jax.process_index() == 0:
+        export.write_json(os.path.join(workdir, workdirs.ALL_RESULT), result)
+    return result
 
 
-def _search(config, workdir: str):
-    """mode=search: the MGAS search; architectures at config.export.targets in workdir/export."""
-    from mgas_jax import search
-    return search.search(config, workdir)
-
-
-def _retrain(config, workdir: str):
-    """mode=retrain: retrain exported architectures from scratch (fixed masks) in workdir/retrain/<name>."""
-    from mgas_jax import retrain
-    return retrain.retrain(config, workdir)
-
-
-def _evaluate(config, workdir: str):
-    """mode=evaluate: test accuracy, params, FLOPs, throughput of the retrained networks; evaluation.json."""
-    from mgas_jax import evaluation
-    return evaluation.evaluate(config, workdir)
-
-
-def _all(config, workdir: str):
-    """mode=all: search (workdir/search) -> retrain every export -> evaluate -> reports (workdir/report)."""
-    from mgas_jax import retrain
-    return retrain.run_all(config, workdir)
-
-
-MODES: dict[str, Optional[RunFn]] = {
-    "train": _train,
-    # ---- registered by the search side (lead) ------------------------------------------------
-    "search": _search,
-    "retrain": _retrain,
-    "evaluate": _evaluate,
-    "all": _all,
-    # -------------------------------------------------------------------------------------------
+MODES: dict[str, RunFn] = {
+    "train": train.train_and_evaluate,   # a fixed genotype (config.model.genotype) from scratch, then tested
+    "search": search.search,             # the MGAS search; architectures at config.export.targets in export/
+    "retrain": retrain.retrain,          # exported architectures from scratch (fixed masks) in retrain/<name>
+    "evaluate": evaluation.evaluate,     # accuracy, params, FLOPs, throughput of those; evaluation.json
+    "all": run_all,
 }
-
-MODE_NAMES = tuple(MODES)
 
 
 def setup_compilation_cache(config, workdir: str) -> Optional[str]:
@@ -71,8 +68,6 @@ def setup_compilation_cache(config, workdir: str) -> Optional[str]:
     the directory. The cache is keyed by the program and the backend, so a stale entry is never used: a
     changed network simply compiles (and is then cached too). Call it before the first compilation.
     """
-    import jax  # lazy, like every mode: this module stays importable without a backend
-
     wanted = config.get("compilation_cache_dir", "")
     current = jax.config.jax_compilation_cache_dir
     if wanted == "off":
@@ -123,14 +118,11 @@ def setup_host_memory(config) -> bool:
     return kept
 
 
+@config_lib.validates
 def run(config, workdir: str):
-    """Runs `config.mode` and returns what its function returns."""
-    mode = config.mode
-    if mode not in MODES:
-        raise ValueError(f"mode = {mode!r}: unknown; the modes are {', '.join(MODE_NAMES)}")
-    fn = MODES[mode]
-    if fn is None:
-        implemented = [name for name, f in MODES.items() if f is not None]
-        raise NotImplementedError(f"mode = {mode!r} is declared but not implemented yet "
-                                  f"(register it in mgas_jax/modes.py); available now: {', '.join(implemented)}")
-    return fn(config, workdir)
+    """Runs `config.mode` on `workdir` and returns what its function returns.
+
+    The config is validated here, once: the mode functions (and the entry points they call) do not
+    check it again.
+    """
+    return MODES[config.mode](config, workdir)

@@ -2,7 +2,7 @@
 
 One module serves DARTS genotypes (two full-width ops per node, `pool_bn=False`: the same network as
 DARTS's `NetworkCIFAR` / `NetworkImageNet`) and MGAS-derived cells (any number of ops per edge, per-op
-channel counts, fixed weight masks, BN after pools; mgas-method.md section 6).
+channel counts, fixed weight masks, BN after pools; docs/method.md section 6).
 
     cells = genotype.genotype_to_cells("DARTS_V2", layers=20, init_channels=36)
     spec = NetworkSpec(cells, num_classes=10, stem_channels=108, auxiliary=True)

@@ -11,9 +11,9 @@ One Flax Linen module per op. The same module serves both networks:
 Channel bookkeeping: an op writes `len(out_index)` channels into the node tensor of width C at the
 channel positions `out_index` (None = all C). A sep_conv's inner width is `mid`. This lets a pruned op
 compute only its surviving channels while node tensors keep their width, so removing committed-off
-channels changes no output value (mgas-method.md section 5, physical filter pruning).
+channels changes no output value (docs/method.md section 5, physical filter pruning).
 
-Method reference: mgas-method.md section 1 (ops) and 2 (gates).
+Method reference: docs/method.md section 1 (ops) and 2 (gates).
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ class FactorizedReduce(nn.Module):
     """ReLU, two 1x1 stride-2 convs (the second on the input shifted by one pixel), concat, BN.
 
     `n1` and `n2` are the channels of the two halves (C//2 and C - C//2 unpruned). In the super-net
-    the output carries filter scores without threshold (mgas-method.md section 2).
+    the output carries filter scores without threshold (docs/method.md section 2).
     """
     n1: int
     n2: int

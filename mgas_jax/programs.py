@@ -1,6 +1,6 @@
 """A super-net cell's forward and backward as small compiled programs, for the chained search step.
 
-`search.make_cell_step` runs a search step as a chain of programs and asks this module for each
+`search_step.make_cell_step` runs a search step as a chain of programs and asks this module for each
 cell's pair `(forward, backward)`:
 
     forward(variables, params, arch, s0, s1) -> (out, residuals, batch_stats)

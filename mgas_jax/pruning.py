@@ -3,7 +3,7 @@
 These run between jit-compiled steps, on replicated state, so every device takes the same decision.
 Each is a small function of explicit inputs (numpy or jax arrays, specs), testable on its own.
 
-Method reference: mgas-method.md sections 2 (commits), 3 (lambda, size proxy) and 5 (regrowth,
+Method reference: docs/method.md sections 2 (commits), 3 (lambda, size proxy) and 5 (regrowth,
 physical filter pruning).
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def committed_count(masks: dict, cell_idx: int, o: OpSpec, unit: str) -> int:
 
 
 def op_size(cell: CellSpec, cell_idx: int, o: OpSpec, masks: dict) -> int:
-    """Size proxy of one op (mgas-method.md section 3):
+    """Size proxy of one op (docs/method.md section 3):
     sep_conv: k^2 C + C K1 + k^2 K1 + K1 K3; dil_conv: k^2 C + C K1; skip in a reduction cell: C^2; else 0."""
     c = cell.width
     if o.op in ops.CONV_OPS:
@@ -278,7 +278,7 @@ def graft(new: Any, old: Any) -> Any:
 # Regrowth
 
 def regrowth_probabilities(alpha: list, momentum: list, active: list) -> np.ndarray:
-    """P(i, j) = I_cell(i) * I_op(i, j) over cells i and op types j (mgas-method.md section 5).
+    """P(i, j) = I_cell(i) * I_op(i, j) over cells i and op types j (docs/method.md section 5).
 
     Args:
       alpha, momentum, active: per cell, (E, 7) alpha, its optimizer momentum and 0/1 committed ops.
@@ -404,7 +404,7 @@ def _shrink_unit(trees: dict, base: tuple, unit: str, idx: np.ndarray, next_dw: 
 
 
 def shrink(spec: SuperNetSpec, variables: dict) -> tuple[SuperNetSpec, dict]:
-    """Physically remove committed-off filters (mgas-method.md section 5, physical filter pruning).
+    """Physically remove committed-off filters (docs/method.md section 5, physical filter pruning).
 
     Every sep_conv's inner and output channels, every dil_conv's output channels and every
     preprocess layer's output channels shrink to their committed ones; weights, scores, masks and

@@ -3,7 +3,8 @@ training curves, and a summary.md linking them (matplotlib's Agg canvas; no pypl
 
     paths = reports.write_reports(workdir)       # into workdir/report/
 
-What it reads (each part is optional; what is missing is left out and said so in summary.md):
+What it reads (each part is optional; what is missing is left out and said so in summary.md; the
+layout is workdirs.py's):
 
     workdir/search/search_result.json, metrics.jsonl      the search: records, log, per-epoch metrics
     workdir/search/export/arch_<target>.{json,npz}         exported architectures
@@ -15,7 +16,7 @@ What it writes into workdir/report/:
 
     cells/<arch>_cell<i>.png      each cell as a graph: states, one arrow per op, labelled with the op and
                                   its channel widths (sep: inner/out, dil and FactorizedReduce: out)
-    sparsity_<arch>.png           per cell, what is kept at each granularity (mgas-method.md section 2):
+    sparsity_<arch>.png           per cell, what is kept at each granularity (docs/method.md section 2):
                                   ops (of the 7 x edges candidates), filters (conv/preprocess output channels
                                   of the kept ops, of the super-net's full width), weights (non-zero of the
                                   kept kernels, from the masks)
@@ -38,7 +39,7 @@ from matplotlib.figure import Figure
 
 from mgas_jax import genotype as genotype_lib
 from mgas_jax import ops as ops_lib
-from mgas_jax import supernet
+from mgas_jax import supernet, workdirs
 
 SHORT = {"skip_connect": "skip", "sep_conv_3x3": "sep3x3", "sep_conv_5x5": "sep5x5", "dil_conv_3x3": "dil3x3",
          "dil_conv_5x5": "dil5x5", "avg_pool_3x3": "avg3x3", "max_pool_3x3": "max3x3", "none": "none"}
@@ -353,26 +354,16 @@ def plot_retrain_curves(runs: Mapping[str, Sequence[dict]], path: str) -> Option
 # ---------------------------------------------------------------------------------------------------
 # The report
 
-def architectures(workdir: str) -> dict[str, str]:
-    """{name: JSON path}: retrained architectures (retrain/<name>/architecture.json), then exports without one."""
-    out = {}
-    for path in sorted(glob.glob(os.path.join(workdir, "retrain", "*", "architecture.json"))):
-        out[os.path.basename(os.path.dirname(path))] = path
-    for path in sorted(glob.glob(os.path.join(workdir, "search", "export", "arch_*.json"))):
-        out.setdefault(os.path.splitext(os.path.basename(path))[0], path)
-    return out
-
-
 def _fmt(x, spec: str = ",") -> str:
     return "-" if x is None else format(x, spec)
 
 
 def table_rows(workdir: str, records: Mapping[str, dict]) -> list[dict]:
     """One row per architecture: target, params, FLOPs, test accuracy, throughput (from what exists)."""
-    evaluation = (_read_json(os.path.join(workdir, "evaluation.json")) or {}).get("models", {})
+    evaluation = (_read_json(os.path.join(workdir, workdirs.EVALUATION)) or {}).get("models", {})
     rows = []
     for name, record in records.items():
-        results = _read_json(os.path.join(workdir, "retrain", name, "results.json")) or {}
+        results = _read_json(os.path.join(workdirs.retrain_dir(workdir, name), workdirs.RESULTS)) or {}
         ev = evaluation.get(name) or {}
         test = ev.get("test") or results.get("test") or {}
         flops = ev.get("flops") or results.get("flops") or {}
@@ -426,13 +417,13 @@ def write_reports(workdir: str, out_dir: Optional[str] = None) -> dict:
        None, 'architectures': {name: {'sparsity': path, 'cells': [paths]}}, 'notes': [...]}.
     """
     workdir = os.path.abspath(workdir)
-    out_dir = os.path.join(workdir, "report") if out_dir is None else out_dir
+    out_dir = workdirs.report_dir(workdir) if out_dir is None else out_dir
     os.makedirs(out_dir, exist_ok=True)
     notes = []
     figures: dict[str, Any] = {"architectures": {}}
 
     records = {}
-    for name, path in architectures(workdir).items():
+    for name, path in workdirs.architectures(workdir).items():
         record, masks = load_record(path)
         records[name] = record
         cells = genotype_lib.cells_from_json(record["cells"])
@@ -454,11 +445,11 @@ def write_reports(workdir: str, out_dir: Optional[str] = None) -> dict:
     if not points:
         notes.append("no retrained network yet: no accuracy-versus-parameters curve")
 
-    search_dir = os.path.join(workdir, "search")
-    result = _read_json(os.path.join(search_dir, "search_result.json")) or {}
+    search_dir = workdirs.search_dir(workdir)
+    result = _read_json(os.path.join(search_dir, workdirs.SEARCH_RESULT)) or {}
     figures["search_records"] = plot_search_records(result.get("records", []),
                                                     os.path.join(out_dir, "search_records.png"))
-    figures["curves_search"] = plot_search_curves(read_jsonl(os.path.join(search_dir, "metrics.jsonl")),
+    figures["curves_search"] = plot_search_curves(read_jsonl(os.path.join(search_dir, workdirs.METRICS)),
                                                   os.path.join(out_dir, "curves_search.png"))
     if figures["curves_search"] is None:
         notes.append("no search metrics (search/metrics.jsonl)")
@@ -466,7 +457,7 @@ def write_reports(workdir: str, out_dir: Optional[str] = None) -> dict:
         if "error" in v:
             notes.append(f"target {target}: {v['error']}")
     runs = {os.path.basename(os.path.dirname(p)): read_jsonl(p)
-            for p in sorted(glob.glob(os.path.join(workdir, "retrain", "*", "metrics.jsonl")))}
+            for p in sorted(glob.glob(os.path.join(workdirs.retrain_dir(workdir), "*", workdirs.METRICS)))}
     figures["curves_retrain"] = plot_retrain_curves(runs, os.path.join(out_dir, "curves_retrain.png"))
 
     summary = write_summary(os.path.join(out_dir, "summary.md"), rows, figures, notes)

@@ -12,7 +12,7 @@ Committed op masks are structural: a `SuperNetSpec` lists, per cell, the ops tha
 (`CellSpec.ops`), and a committed-off op is simply not built (it costs nothing). Live masks are
 recomputed in every forward pass from the scores and thresholds and ANDed with the committed ones.
 
-Method reference: mgas-method.md sections 1, 2 and 5 (stage heads).
+Method reference: docs/method.md sections 1, 2 and 5 (stage heads).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     results = train.train_and_evaluate(config, workdir)                   # config.model.genotype
     results = train.train_and_evaluate(config, workdir, spec=spec, masks=masks)   # MGAS retraining
 
-The recipe is DARTS's evaluation training (mgas-method.md section 6): SGD with momentum, gradient-norm
+The recipe is DARTS's evaluation training (docs/method.md section 6): SGD with momentum, gradient-norm
 clip, weight decay, a cosine (or step) learning rate, drop-path ramped linearly over the epochs,
 cross-entropy with optional label smoothing plus a weighted auxiliary loss. With fixed weight masks
 (`spec.masked`) the pruned weights are zero from the start and stay exactly zero: their gradients are
@@ -393,12 +393,13 @@ def _non_finite(config, ckpt: checkpoint_lib.Checkpointer, state: TrainState, po
         f"To go on: {fix} and run the same command again, which resumes from the last checkpoint.")
 
 
+@config_lib.validates
 def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSpec] = None,
                        masks: Any = None, epoch_hooks: Iterable[EpochHook] = ()) -> dict:
     """Trains for config.train.epochs (resuming from workdir), tests, writes workdir/results.json.
 
     Args:
-      config: the experiment config (validated here again; cheap).
+      config: the experiment config (validated first, unless the run calling this already did).
       workdir: output directory; a rerun of the same config resumes from its latest checkpoint.
       spec: the network; None builds config.model.genotype (spec_from_config).
       masks: fixed weight masks for a masked spec (MGAS retraining), as in create_train_state.
@@ -408,7 +409,6 @@ def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSp
       the results dict: {'test': {'top1', 'top5', 'loss'}, 'val': {...} (when there is a validation
       split), 'params': {'dense', 'nonzero'}, 'epochs', 'steps', 'config_hash', 'config'}.
     """
-    config_lib.validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     chief = jax.process_index() == 0

@@ -36,14 +36,20 @@ def searched(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_all(searched, tmp_path_factory):
-    """(workdir, result) of mode=all (tiny_runs.short_config) on a copy of the shared search: the finished
-    search resumes and only re-exports, then its one reachable export (100k) is retrained for 1 epoch of
-    2 steps, evaluated and reported. Read it; copy it before writing to it."""
+    """(workdir, result, modes validated) of mode=all (tiny_runs.short_config) on a copy of the shared
+    search: the finished search resumes and only re-exports, then its one reachable export (100k) is
+    retrained for 1 epoch of 2 steps, evaluated and reported. The third item lists the mode of each
+    config_lib.validate call the run made. Read it; copy it before writing to it."""
+    from mgas_jax import config as config_lib
     from mgas_jax import modes
 
     workdir = tmp_path_factory.mktemp("tiny_all")
     shutil.copytree(searched[0], workdir / "search")
-    return workdir, modes.run(tiny_runs.short_config("all"), str(workdir))
+    validations = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config_lib, "validate", lambda config, **kw: validations.append(config.mode))
+        result = modes.run(tiny_runs.short_config("all"), str(workdir))
+    return workdir, result, validations
 
 
 def pytest_collection_modifyitems(items):

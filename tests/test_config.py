@@ -133,7 +133,7 @@ def test_unknown_mode_and_data_set():
 def test_mode_and_data_names_match_their_modules():
     from mgas_jax import data
     assert config_lib.DATASETS == data.ALLOWED_NAMES
-    assert set(modes.MODES) == {"train", "search", "retrain", "evaluate", "all"}
+    assert tuple(modes.MODES) == config_lib.MODE_NAMES == ("train", "search", "retrain", "evaluate", "all")
 
 
 def test_genotype_with_unknown_op_or_name():

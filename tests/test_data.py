@@ -218,6 +218,27 @@ def test_missing_tfds_data_names_dataset_dir_and_fix(tmp_path):
         assert needle in message
     with pytest.raises(FileNotFoundError, match=r"imagenet2012(.|\n)*downloads/manual"):
         data.load(_cfg("imagenet", data_dir=missing))
+    assert f"the directory {missing} does not exist" in message
+
+
+def test_missing_tfds_data_says_what_the_directory_lacks(tmp_path):
+    """Not tfds's 'already prepared ... in the FileFormat.TFRECORD format' (its guess without metadata)
+    but what is really not there: the set's folder, its version, its finished preparation."""
+    (tmp_path / "mnist").mkdir()
+    version = str(tfds.builder_cls("cifar10").VERSION)
+    messages = []
+    for make in (None, "cifar10/2.0.0", f"cifar10/{version}"):
+        if make:
+            (tmp_path / make).mkdir(parents=True)
+        with pytest.raises(data.DataNotFoundError) as info:
+            data.load(_cfg("cifar10", data_dir=str(tmp_path)))
+        messages.append(str(info.value))
+    assert f"{tmp_path} has no cifar10/ folder (it holds: mnist)" in messages[0]
+    assert f"{tmp_path / 'cifar10'} has no version {version}, the one this TFDS reads (it holds: 2.0.0)" in messages[1]
+    assert f"{tmp_path / 'cifar10' / version} has no dataset_info.json: its preparation did not finish" in messages[2]
+    for m in messages:
+        assert "already prepared" not in m and "TFRECORD" not in m
+        assert "tfds build cifar10 --data_dir DIR --file_format array_record" in m
 
 
 # ----------------------------------------------------------------------------- TFDS: mocked

@@ -6,7 +6,7 @@ default on CPU) into one 2-device mesh. Each process reads only its half of ever
 from the halves, as on a TPU pod or a multi-node GPU cluster. The state is replicated and built on each
 process from identical host values (`parallel.replicate`).
 
-The check: three search steps of the tiny super-net (search.make_step) give the same losses and the same
+The check: three search steps of the tiny super-net (search_step.make_step) give the same losses and the same
 weights and architecture parameters in both processes, and the same as a single process that feeds the
 whole global batch to one device.
 
@@ -36,7 +36,7 @@ WORKER = textwrap.dedent("""
                                    process_id=process_id, coordinator_bind_address=f"127.0.0.1:{port}",
                                    initialization_timeout=300)
     import jax.numpy as jnp, numpy as np
-    from mgas_jax import config as config_lib, data as data_lib, ops, parallel, search, supernet
+    from mgas_jax import config as config_lib, data as data_lib, ops, parallel, search, search_step, supernet
 
     assert jax.process_count() == num_processes and jax.process_index() == process_id
     assert jax.local_device_count() == 1 and jax.device_count() == num_processes, jax.devices()
@@ -47,16 +47,16 @@ WORKER = textwrap.dedent("""
     ds = data_lib.load(data_cfg, process_index=process_id, process_count=num_processes)
     cells = supernet.full_cells(cfg.init_channels, cfg.layers, cfg.steps)[:1]
     spec = search.make_spec(cfg, ds.num_classes, cells, 1)
-    tx = search.make_optimizer(cfg)
+    tx = search_step.make_optimizer(cfg)
     # identical host values on every process (same key, same init), replicated over the global mesh
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), ds.image_shape)
     trainable = {"params": v["params"], "arch": v["arch"]}
-    start = jax.device_get(search.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
-                                              batch_stats=v["batch_stats"], masks=v["masks"],
-                                              opt_state=tx.init(trainable)))
+    start = jax.device_get(search_step.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
+                                                   batch_stats=v["batch_stats"], masks=v["masks"],
+                                                   opt_state=tx.init(trainable)))
     mesh = parallel.make_mesh()
     state = parallel.replicate(start, mesh)
-    step = search.make_step(spec, tx, data_cfg, jnp.asarray(ds.mean), jnp.asarray(ds.std), programs=cfg.programs)
+    step = search_step.make_step(spec, tx, data_cfg, jnp.asarray(ds.mean), jnp.asarray(ds.std), programs=cfg.programs)
     local_sizes, losses = [], []
     for i, batch in enumerate(ds.train.batches(cfg.batch_size, epoch=0, seed=0, shuffle=True, drop_remainder=True)):
         if i == 3:

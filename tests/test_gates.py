@@ -1,5 +1,5 @@
 """Tests of mgas_jax.gates: the hard step and its surrogate gradient, the three discretization functions,
-the op gate with the protection rule, and the DARTS edge layout (mgas-method.md section 2).
+the op gate with the protection rule, and the DARTS edge layout (docs/method.md section 2).
 
 Everything is plain JAX on tiny arrays; each key function runs with and without `jax.jit`.
 """
@@ -25,7 +25,7 @@ def dsigmoid(x):
 
 
 def surrogate(x):
-    """dH/dx of mgas-method.md section 2, written out independently of the library."""
+    """dH/dx of docs/method.md section 2, written out independently of the library."""
     a = np.abs(np.asarray(x, np.float64))
     return np.where(a <= 0.4, 2.0 - 4.0 * a, np.where(a <= 1.0, 0.4, 0.0))
 
@@ -301,3 +301,36 @@ def test_protection_every_node_of_a_four_step_cell(transform):
         masked = np.where(active[rows] > 0, alpha[rows], -np.inf)
         e, o = np.unravel_index(np.argmax(masked), masked.shape)
         assert live[rows[e], o] == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# jit as a user writes it: the node layout is an ordinary argument
+# ---------------------------------------------------------------------------------------------------
+
+def test_op_gate_jits_with_the_node_layout_as_an_argument():
+    """`jax.jit(gates.op_gate)(...)` with edge_nodes as a traced argument (no static_argnums) gives the
+    eager result, and so does an explicit num_nodes; protect_last_op and op_sparsity jit the same way."""
+    from mgas_jax import losses
+
+    alpha, t_op, active = protection_case()
+    eager = gates.op_gate(alpha, t_op, active, NODES2)
+    for nodes in (NODES2, jnp.asarray(NODES2)):
+        jitted = jax.jit(gates.op_gate)(alpha, t_op, active, nodes)
+        for a, b in zip(jitted, eager):
+            np.testing.assert_array_equal(a, b)
+    exact = jax.jit(gates.op_gate, static_argnames="num_nodes")(alpha, t_op, active, NODES2, num_nodes=2)
+    np.testing.assert_array_equal(exact[1], eager[1])
+    raw = ((sigmoid(alpha) > t_op) * active).astype(np.float32)
+    np.testing.assert_array_equal(jax.jit(gates.protect_last_op)(raw, active, alpha, NODES2), eager[1])
+    np.testing.assert_allclose(jax.jit(losses.op_sparsity)(alpha, active, NODES2),
+                               losses.op_sparsity(alpha, active, NODES2), rtol=1e-6)
+    # one compiled program serves every layout of the same shape
+    layout = np.array([0, 1, 1, 1, 1], np.int32)     # node 0 fed by edge 0 only
+    _, live = jax.jit(gates.op_gate)(alpha, t_op, active, layout)
+    assert live[0].sum() == 1 and live[0, 4] == 1    # edge 0's best active op rescues node 0
+
+
+def test_node_indices_outside_the_node_count_are_refused():
+    alpha, t_op, active = protection_case()
+    with pytest.raises(ValueError, match=r"node indices 0\.\.1, outside \[0, 1\)"):
+        gates.op_gate(alpha, t_op, active, NODES2, num_nodes=1)

@@ -1,4 +1,4 @@
-"""Tests of mgas_jax.losses: R_op, R_thr and the cross entropy (mgas-method.md section 3), against
+"""Tests of mgas_jax.losses: R_op, R_thr and the cross entropy (docs/method.md section 3), against
 hand computations in numpy, with and without `jax.jit`."""
 import math
 

@@ -1,11 +1,11 @@
 """Data parallelism does not change the search: 8 devices give the numbers of 1 device.
 
-The global batch is the unit of the method (mgas-method.md section 4): split over 8 devices, the jitted
+The global batch is the unit of the method (docs/method.md section 4): split over 8 devices, the jitted
 step computes the same mean loss, the same gradients (all-reduced by XLA) and the same BatchNorm
 statistics (taken over the whole global batch) as on one device, up to the order of float additions.
 Two checks, each in a subprocess with 8 simulated CPU devices (XLA_FLAGS must be set before JAX starts):
 
-- step level: the same super-net state and the same three global batches through `search.make_step` on a
+- step level: the same super-net state and the same three global batches through `search_step.make_step` on a
   mesh of 1 device and on a mesh of 8 devices, in one process: losses, weights, architecture parameters,
   BatchNorm statistics and optimizer state agree to float tolerance, and every output is replicated (the
   host-side decisions read it with jax.device_get);
@@ -41,7 +41,7 @@ def _result(out: subprocess.CompletedProcess) -> dict:
 STEPS = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from mgas_jax import config as config_lib, data as data_lib, ops, parallel, search, supernet
+    from mgas_jax import config as config_lib, data as data_lib, ops, parallel, search, search_step, supernet
 
     assert jax.device_count() == 8, jax.devices()
     config = config_lib.load_config(sys.argv[1])
@@ -51,12 +51,12 @@ STEPS = textwrap.dedent("""
     # stage 1 of the tiny super-net: one cell of 2 nodes with every op, the stage head
     cells = supernet.full_cells(cfg.init_channels, cfg.layers, cfg.steps)[:1]
     spec = search.make_spec(cfg, ds.num_classes, cells, 1)
-    tx = search.make_optimizer(cfg)
+    tx = search_step.make_optimizer(cfg)
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), ds.image_shape)
     trainable = {"params": v["params"], "arch": v["arch"]}
-    start = jax.device_get(search.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
-                                              batch_stats=v["batch_stats"], masks=v["masks"],
-                                              opt_state=tx.init(trainable)))
+    start = jax.device_get(search_step.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
+                                                   batch_stats=v["batch_stats"], masks=v["masks"],
+                                                   opt_state=tx.init(trainable)))
     batches = list(ds.train.batches(cfg.batch_size, epoch=0, seed=0, shuffle=True, drop_remainder=True))[:3]
     mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
     flags = jnp.ones((5,), jnp.float32)   # the pruning phase: weights, alpha, beta and thresholds all move
@@ -64,7 +64,7 @@ STEPS = textwrap.dedent("""
     runs = {}
     for n in (1, 8):
         mesh = parallel.make_mesh(jax.devices()[:n])
-        step = search.make_step(spec, tx, data_cfg, mean, std, programs=cfg.programs)
+        step = search_step.make_step(spec, tx, data_cfg, mean, std, programs=cfg.programs)
         state = parallel.replicate(start, mesh)
         losses = []
         for i, batch in enumerate(batches):

@@ -1,5 +1,5 @@
 """Tests of mgas_jax.pruning: the adaptive lambda, the size proxy, commits, regrowth, grafting and the
-physical shrinking of filters (mgas-method.md sections 2, 3 and 5).
+physical shrinking of filters (docs/method.md sections 2, 3 and 5).
 
 The super-net is the tiny one of the tests: C = 4, 3 cells (the last two are reduction cells, so one
 cell has a FactorizedReduce preprocess), 2 steps (5 edges x 7 ops per cell), 8x8 inputs.
@@ -405,7 +405,7 @@ def regrowth_case():
 
 
 def regrowth_by_hand(alpha, momentum, active):
-    """mgas-method.md section 5, written out with loops."""
+    """docs/method.md section 5, written out with loops."""
     cells = len(alpha)
     g, a = np.zeros((cells, 7)), np.zeros((cells, 7))
     for i in range(cells):

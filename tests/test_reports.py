@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
+from mgas_jax import config as config_lib
 from mgas_jax import evaluation, modes, reports
 from mgas_jax.genotype import CellSpec, OpSpec, cells_to_json
 from tiny_runs import short_config as tiny_config
@@ -23,8 +24,28 @@ def assert_png(path):
     assert img.std() > 0.01, f"{path} is blank"
 
 
+def test_mode_all_validates_its_config_once(tiny_all):
+    """modes.run validates; the search, each retraining and training, and the evaluation it calls do not."""
+    workdir, _, validations = tiny_all
+    assert validations == ["all"]
+    # each entry point called on its own still validates its config, once
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config_lib, "validate", lambda config, **kw: calls.append(1))
+        with pytest.raises(FileNotFoundError):
+            evaluation.evaluate(tiny_config("evaluate"), str(workdir / "nothing_here"))
+        assert calls == [1]
+        # and a config changed after the run's validation is checked again inside the run
+        config = tiny_config("evaluate")
+        with config_lib.validated(config):
+            config.evaluate.throughput_steps = 3
+            with pytest.raises(FileNotFoundError):
+                evaluation.evaluate(config, str(workdir / "nothing_here"))
+        assert calls == [1, 1, 1]
+
+
 def test_all_mode_end_to_end(tiny_all):
-    workdir, result = tiny_all
+    workdir, result, _ = tiny_all
     # search
     small = str(min(tiny_config("all").export.targets))  # below anything 3 tiny cells reach
     assert "path" in result["search"]["100000"] and "error" in result["search"][small]
@@ -58,7 +79,7 @@ def test_all_mode_end_to_end(tiny_all):
 
 
 def test_evaluate_an_untrained_export(tiny_all, tmp_path):
-    workdir, _ = tiny_all
+    workdir, _, _ = tiny_all
     shutil.copytree(workdir / "search" / "export", tmp_path / "search" / "export")
     config = tiny_config("evaluate")
     result = modes.run(config, str(tmp_path))

@@ -27,14 +27,14 @@ from tiny_runs import short_config as tiny_config
 @pytest.fixture
 def retrained(tiny_all):
     """(export path, retraining directory, its results.json) of mode=all's retraining."""
-    workdir, _ = tiny_all
+    workdir = tiny_all[0]
     run_dir = workdir / "retrain" / "arch_100000"
     results = json.loads((run_dir / "results.json").read_text())
     return results["architecture"]["path"], str(run_dir), results
 
 
 def test_pruned_weights_stay_exactly_zero(tiny_all, retrained):
-    workdir, _ = tiny_all
+    workdir = tiny_all[0]
     path, run_dir, results = retrained
     config = tiny_config()
     [model] = evaluation.find_models(config, str(workdir))
@@ -64,8 +64,8 @@ def test_rebuilt_networks_have_the_recorded_parameter_counts(searched, retrained
         record, spec, masks = export.load_architecture(rec["path"])
         for aux in (False, True):
             config.model.auxiliary = aux
-            spec = retrain.retraining_spec(config, record)
-            assert retrain.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
+            spec = export.retraining_spec(config, record)
+            assert export.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
     path, _, results = retrained
     with open(path) as f:
         record = json.load(f)
@@ -103,7 +103,7 @@ def test_rerun_resumes_to_the_same_results(retrained, tmp_path):
 def test_a_moved_study_resumes_its_retrainings(tiny_all, retrained, tmp_path):
     """The copied record's "source" names where the export was; after the search and retraining
     directories move together, the same architecture from its new place resumes instead of being refused."""
-    workdir, _ = tiny_all
+    workdir = tiny_all[0]
     path, run_dir, first = retrained
     moved = tmp_path / "moved"
     shutil.copytree(workdir, moved)
@@ -175,7 +175,7 @@ def test_flops_of_derived_cells_with_mid_and_out_index():
     masks[("cell_1", "op_0_0_sep_conv_3x3", "sep", "unit1", "dw", "kernel")].reshape(-1)[:3] = 0   # 3 x 4
     nested = traverse_util.unflatten_dict(masks)
     assert network.count_flops(spec, (4, 4, 1), nested) == 3184 - 5 * 16 - 3 * 4
-    assert retrain.flops(spec, (4, 4, 1), nested) == {"dense": 3184, "nonzero": 3184 - 92}
+    assert export.flops(spec, (4, 4, 1), nested) == {"dense": 3184, "nonzero": 3184 - 92}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_fixed_ratio_baseline_matches_the_mgas_count(searched, tmp_path):
     source, _, _ = export.load_architecture(src)
     record, spec, masks = export.load_architecture(path)   # a valid export: masks fit its network
     assert record["params"]["nonzero"] == source["params"]["nonzero"]
-    assert retrain.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
+    assert export.rebuilt_params(spec, record["input_shape"], masks) == record["params"]
     # same ops, every filter back: widths of the super-net (C = 4, doubled at each reduction)
     assert [len(c["ops"]) for c in record["cells"]] == [len(c["ops"]) for c in source["cells"]]
     assert [c.width for c in spec.cells] == [4, 8, 16]

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mgas_jax import ops, search, supernet
+from mgas_jax import ops, search_step, supernet
 
 C, LAYERS, STEPS = 4, 3, 2
 
@@ -67,12 +67,12 @@ def _cfg(**kw):
 def test_frozen_groups_keep_values_and_optimizer_state(net, flags):
     spec, v = net
     v = jax.tree.map(jnp.array, v)  # the step donates its state: work on a copy of the fixture
-    tx = search.make_optimizer(_cfg())
+    tx = search_step.make_optimizer(_cfg())
     trainable = {"params": v["params"], "arch": v["arch"]}
-    state = search.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
-                               batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
+    state = search_step.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
+                                    batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
     data_cfg = ml_collections.ConfigDict(dict(crop_padding=0, flip=False, cutout=0, autoaugment=False))
-    step = search.make_step(spec, tx, data_cfg, jnp.zeros(3), jnp.ones(3))
+    step = search_step.make_step(spec, tx, data_cfg, jnp.zeros(3), jnp.ones(3))
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 255, (8, 8, 8, 3), dtype=np.uint8), "label": rng.integers(0, 10, 8).astype(np.int32)}
     before = jax.tree.map(np.asarray, (state.params, state.arch, state.opt_state))
@@ -90,14 +90,14 @@ def test_frozen_groups_keep_values_and_optimizer_state(net, flags):
 def _state(tx, v):
     v = jax.tree.map(jnp.array, v)  # the step donates its state: a fresh copy each time
     trainable = {"params": v["params"], "arch": v["arch"]}
-    return search.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
-                              batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
+    return search_step.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
+                                   batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
 
 
 def _run_steps(spec, v, programs, flag_rows):
-    tx = search.make_optimizer(_cfg())
+    tx = search_step.make_optimizer(_cfg())
     data_cfg = ml_collections.ConfigDict(dict(crop_padding=1, flip=True, cutout=0, autoaugment=False))
-    step = search.make_step(spec, tx, data_cfg, jnp.full(3, 100.0), jnp.full(3, 60.0), programs=programs)
+    step = search_step.make_step(spec, tx, data_cfg, jnp.full(3, 100.0), jnp.full(3, 60.0), programs=programs)
     state, rng, out = _state(tx, v), np.random.default_rng(0), []
     for i, flags in enumerate(flag_rows):
         batch = {"image": rng.integers(0, 255, (8, 8, 8, 3), dtype=np.uint8),
@@ -206,4 +206,4 @@ def test_per_edge_programs_compile_each_distinct_edge_once(caplog):
 def test_unknown_step_programs_are_refused():
     spec = supernet.SuperNetSpec(supernet.full_cells(C, 1, STEPS), num_classes=10, stem_channels=3 * C)
     with pytest.raises(ValueError, match="unknown step programs 'cells'.*'step'.*'cell'.*'edge'"):
-        search.make_step(spec, search.make_optimizer(_cfg()), None, None, None, programs="cells")
+        search_step.make_step(spec, search_step.make_optimizer(_cfg()), None, None, None, programs="cells")

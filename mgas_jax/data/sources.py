@@ -13,6 +13,8 @@ Sources:
              TFDS `array_record` files read through `tfds.data_source` (no TensorFlow at run time);
              prepared offline into `data_dir` (see `DataNotFoundError`).
 
+digits' test split is a fixed stratified 20 %, or with `folds` = k > 0 fold `fold` of a stratified
+k-fold split of all 1797 images (`fold_repeat` picks the repetition; splits.stratified_folds).
 Validation is held out of the training split (`val_size` examples), the remaining training
 examples can be thinned to `train_fraction` (MGAS searches ImageNet on 10%). Both choices
 are deterministic (constant seeds) so every run and every process sees the same splits.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mgas_jax.data.splits import Split, array_reader, check_examples
+from mgas_jax.data.splits import Split, array_reader, check_examples, fold_positions
 
 ALLOWED_NAMES = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
 
@@ -105,6 +108,16 @@ def _check_config(cfg: Any) -> None:
     fraction = _required(cfg, "train_fraction")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"config.data.train_fraction must lie in (0, 1], got {fraction!r}.")
+    folds = cfg.get("folds", 0)
+    if folds:
+        if name != "digits":
+            raise ValueError(f"config.data.folds = {folds}: k-fold splits are implemented for digits only "
+                             f"(data.name = {name!r} has a fixed test split); set data.folds = 0.")
+        if int(folds) != folds or folds < 2:
+            raise ValueError(f"config.data.folds must be 0 (off) or an integer >= 2, got {folds!r}.")
+        fold = _required(cfg, "fold")
+        if int(fold) != fold or not 0 <= fold < folds:
+            raise ValueError(f"config.data.fold must lie in [0, data.folds = {folds}), got {fold!r}.")
     if name in ("imagenet", "synthetic"):
         size = _required(cfg, "image_size")
         if int(size) != size or size < 1:
@@ -214,8 +227,15 @@ def _digits(cfg: Any, **shard: int) -> Dataset:
     raw = load_digits()
     images = np.round(raw.images * (255.0 / 16.0)).astype(np.uint8)[..., None]   # (1797, 8, 8, 1)
     labels = raw.target.astype(np.int32)
-    test = stratified_pick(labels, int(round(_DIGITS_TEST_FRACTION * len(labels))), _HOLDOUT_SEED - 1)
-    train = np.setdiff1d(np.arange(len(labels)), test)
+    folds = int(cfg.get("folds", 0))
+    if folds:
+        # all 1797 images take turns as the test split; the fold assignment belongs to the repetition,
+        # not to the run's seed, so every method and seed of a study sees the same split of a fold
+        train, test = fold_positions(labels, folds=folds, fold=int(cfg.fold),
+                                     seed=[_HOLDOUT_SEED, int(cfg.get("fold_repeat", 0))])
+    else:
+        test = stratified_pick(labels, int(round(_DIGITS_TEST_FRACTION * len(labels))), _HOLDOUT_SEED - 1)
+        train = np.setdiff1d(np.arange(len(labels)), test)
     return _in_memory_dataset("digits", images[train], labels[train], images[test], labels[test], cfg=cfg,
                               num_classes=10, image_shape=(8, 8, 1), mean=None, std=None, **shard)
 
@@ -254,16 +274,58 @@ def _synthetic(cfg: Any, **shard: int) -> Dataset:
 # ----------------------------------------------------------------------------- TFDS
 
 
+def _what_is_missing(tfds_name: str, root: str) -> str:
+    """What the data dir lacks, from the files themselves. tfds's own error is no guide: without
+    metadata it assumes the TFRECORD format and says the set 'is already prepared ... in the
+    FileFormat.TFRECORD format', also for a directory that does not exist."""
+    import tensorflow_datasets as tfds
+
+    def listing(path):
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "nothing"
+
+    if not os.path.isdir(root):
+        return f"the directory {root} does not exist"
+    folder = os.path.join(root, tfds_name)
+    if not os.path.isdir(folder):
+        return f"{root} has no {tfds_name}/ folder (it holds: {listing(root)})"
+    try:
+        version = str(tfds.builder_cls(tfds_name).VERSION)
+    except Exception:  # an unknown name: tfds's own error below says so
+        version = None
+    versions = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
+    if version is not None and version not in versions:
+        return (f"{folder} has no version {version}, the one this TFDS reads "
+                f"(it holds: {', '.join(versions) or 'nothing'})")
+    prepared = os.path.join(folder, version or (versions[-1] if versions else ""))
+    info_path = os.path.join(prepared, "dataset_info.json")
+    if not os.path.exists(info_path):
+        return f"{prepared} has no dataset_info.json: its preparation did not finish"
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            file_format = json.load(f).get("fileFormat", "tfrecord")
+    except (OSError, ValueError) as e:
+        return f"{info_path} cannot be read ({e})"
+    if file_format != "array_record":
+        return (f"{prepared} holds the set in {file_format} format; the loaders read array_record "
+                f"(random access)")
+    return f"{prepared} lacks files of the set"
+
+
 def _not_prepared_message(tfds_name: str, data_dir: str | None, error: BaseException) -> str:
     import tensorflow_datasets as tfds
-    looked_at = data_dir if data_dir is not None else f"{tfds.core.constants.DATA_DIR} (the TFDS default)"
+    root = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
+    looked_at = data_dir if data_dir is not None else f"{root} (the TFDS default)"
+    missing = _what_is_missing(tfds_name, root)
+    if not isinstance(error, NotImplementedError):  # a missing shard or split: tfds names it
+        missing += f" (tfds: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]})"
     manual = ""
     if tfds_name == "imagenet2012":
         manual = ("ImageNet cannot be downloaded by TFDS: first put ILSVRC2012_img_train.tar and "
                   "ILSVRC2012_img_val.tar into DIR/downloads/manual/. ")
     return (
-        f"The TFDS data set '{tfds_name}' is not prepared (in array_record format) in data_dir {looked_at}; "
-        f"tfds said: {type(error).__name__}: {error}\n"
+        f"The TFDS data set '{tfds_name}' is not prepared (in array_record format) in data_dir {looked_at}: "
+        f"{missing}.\n"
         f"This machine does not download data. Prepare it offline: {manual}on a machine with internet run\n"
         f"  tfds build {tfds_name} --data_dir DIR --file_format array_record\n"
         f"or\n"

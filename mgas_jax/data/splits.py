@@ -144,3 +144,43 @@ def array_reader(images: np.ndarray, labels: np.ndarray) -> Reader:
     """A reader over in-memory arrays (N, H, W, C) uint8 and (N,) int."""
     labels = labels.astype(np.int32)
     return lambda positions: (images[positions], labels[positions])
+
+
+def stratified_folds(labels: np.ndarray, folds: int, *, seed) -> np.ndarray:
+    """The fold (0 .. folds-1) of every example: a stratified k-fold assignment.
+
+    Within each class the examples are dealt out in a random order, round-robin over the folds, so a
+    fold holds floor or ceil(n_c / folds) examples of class c; each class starts dealing where the
+    previous one stopped, so the folds' total sizes differ by at most one as well.
+
+    Args:
+      labels: (N,) integer class labels.
+      folds: k >= 2, at most N.
+      seed: an int or a sequence of ints (np.random.default_rng's seed); the assignment is a pure
+        function of (labels, folds, seed), and another seed is another repetition of the k-fold split.
+    Returns:
+      (N,) int64: fold of each example. Fold f's test set is np.flatnonzero(result == f); the k test
+      sets partition the examples, so each is tested exactly once per repetition.
+    """
+    labels = np.asarray(labels)
+    if int(folds) != folds or not 2 <= folds <= labels.size:
+        raise ValueError(f"folds = {folds!r}: a k-fold split needs 2 <= k <= {labels.size} (the examples)")
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.permutation(labels.size), labels))   # grouped by class, random within
+    # dealing by the rank in this one order (not per class from fold 0) is what makes class c start
+    # where class c-1 stopped, so no fold collects the remainders of every class
+    fold = np.empty(labels.size, np.int64)
+    fold[order] = np.arange(labels.size) % folds
+    return fold
+
+
+def fold_positions(labels: np.ndarray, *, folds: int, fold: int, seed) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) positions of fold `fold` of `stratified_folds(labels, folds, seed=seed)`; sorted int64.
+
+    The test part is that fold, the training part every other fold: the two are disjoint and cover
+    all examples. A validation split is carved from the training part afterwards (sources.hold_out).
+    """
+    if int(fold) != fold or not 0 <= fold < folds:
+        raise ValueError(f"fold = {fold!r}: must lie in [0, folds = {folds})")
+    assignment = stratified_folds(labels, folds, seed=seed)
+    return np.flatnonzero(assignment != fold).astype(np.int64), np.flatnonzero(assignment == fold).astype(np.int64)

@@ -1,0 +1,273 @@
+"""The pure, jit-compiled search step: its state, the optimizer groups, the loss and both step forms.
+
+`make_step(spec, tx, ...)` returns `(state, batch, key, lam, flags) -> (state, metrics)`, one XLA
+program or a chain of per-cell (per-edge) programs with the same values; `make_eval_step` the
+evaluation of a structure. Nothing here decides anything between steps: the stages, commits and
+regrowth around it are search.py's (docs/method.md sections 3-5).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mgas_jax import data as data_lib
+from mgas_jax import gates, losses, supernet
+from mgas_jax import programs as programs_lib
+
+
+# ----------------------------------------------------------------------------------------------
+# State
+
+@flax.struct.dataclass
+class SearchState:
+    """Everything the jitted step reads and writes (replicated over the mesh)."""
+    step: jax.Array
+    params: Any          # network weights
+    arch: Any            # alpha, beta, thresholds
+    batch_stats: Any
+    masks: Any           # committed filter and weight masks
+    opt_state: Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisers: one per parameter group, routed by optax.partition
+
+def param_labels(trainable: dict) -> dict:
+    """'weights' for every network weight; arch leaves by name (docs/method.md section 4)."""
+    def label(path, _):
+        if path[0].key == "params":
+            return "weights"
+        name = path[-1].key
+        if name == "alpha":
+            return "alpha"
+        if name == "beta":
+            return "beta"
+        if name == "t_w":
+            return "weight_threshold"
+        return "threshold"
+    return jax.tree_util.tree_map_with_path(label, trainable)
+
+
+GROUPS = ("weights", "alpha", "beta", "threshold", "weight_threshold")
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """SGD with momentum for every group; clip and weight decay in the weights' chain only."""
+    sgd = lambda lr: optax.sgd(lr, momentum=cfg.momentum)
+    return optax.partition({
+        "weights": optax.chain(losses.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+                               optax.add_decayed_weights(cfg.weight_decay), sgd(cfg.lr)),
+        "alpha": sgd(cfg.alpha_lr),
+        "beta": sgd(cfg.beta_lr),
+        "threshold": sgd(cfg.threshold_lr),
+        "weight_threshold": sgd(cfg.weight_threshold_lr),
+    }, param_labels)
+
+
+def arch_momentum(opt_state, spec: supernet.SuperNetSpec) -> list:
+    """Per cell, the SGD momentum of alpha (used by the regrowth importance)."""
+    trace = opt_state.inner_states["alpha"].inner_state[0].trace
+    return [np.asarray(trace["arch"][f"cell_{i}"]["alpha"]) for i in range(len(spec.cells))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and step
+
+def regularizers(arch: dict, masks: dict, spec: supernet.SuperNetSpec) -> tuple[jax.Array, jax.Array]:
+    """(R_op, R_thr) over the committed ops of the built cells (docs/method.md section 3)."""
+    r_op = r_thr = jnp.float32(0.0)
+    for i, cell in enumerate(spec.cells):
+        a = arch[f"cell_{i}"]
+        committed = masks[f"cell_{i}"]["ops"]
+        active = supernet.active_matrix(cell) * committed
+        conv = supernet.conv_matrix(cell) * committed
+        r_op += losses.op_sparsity(a["alpha"], active, gates.edge_nodes(cell.steps))
+        r_thr += (losses.threshold_penalty(a["t_op"], active) + losses.threshold_penalty(a["t_pre"])
+                  + (losses.threshold_penalty(a["t_k"], conv) if spec.filter_level else 0.0)
+                  + (losses.threshold_penalty(a["t_w"], conv) if spec.weight_level else 0.0))
+    return r_op, r_thr
+
+
+def make_loss(spec: supernet.SuperNetSpec):
+    """The search loss of one structure, CE + lam (R_op + R_thr), with the super-net in training mode:
+    (trainable {'params', 'arch'}, batch_stats, masks, images, labels, lam) -> (loss, (batch_stats, metrics))."""
+    model = supernet.SuperNet(spec)
+
+    def loss_fn(trainable, batch_stats, masks, images, labels, lam):
+        variables = {"params": trainable["params"], "arch": trainable["arch"],
+                     "batch_stats": batch_stats, "masks": masks}
+        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        ce = losses.cross_entropy(logits, labels)
+        r_op, r_thr = regularizers(trainable["arch"], masks, spec)
+        metrics = _loss_metrics(ce, r_op, r_thr, lam, jnp.mean(jnp.argmax(logits, -1) == labels))
+        return metrics["loss"], (updates["batch_stats"], metrics)
+
+    return loss_fn
+
+
+def _loss_metrics(ce, r_op, r_thr, lam, accuracy) -> dict:
+    """The search loss CE + lam (R_op + R_thr) and the metrics a step reports (both step forms)."""
+    return dict(loss=ce + lam * (r_op + r_thr), ce=ce, r_op=r_op, r_thr=r_thr, reg=lam * r_op, accuracy=accuracy)
+
+
+def _apply_grads(tx, state: SearchState, grads, batch_stats, metrics: dict, flags) -> tuple[SearchState, dict]:
+    """The update half of a search step: optimizer update of the flagged groups, non-finite flag."""
+    trainable = {"params": state.params, "arch": state.arch}
+    finite = losses.all_finite(grads)
+    labels = param_labels(trainable)
+    flag = {g: flags[i] for i, g in enumerate(GROUPS)}
+    updates, new_opt = tx.update(grads, state.opt_state, trainable)
+    updates = jax.tree.map(lambda u, l: u * flag[l], updates, labels)
+    new_inner = {g: jax.tree.map(lambda n, o, f=flag[g]: jnp.where(f > 0, n, o),
+                                 new_opt.inner_states[g], state.opt_state.inner_states[g])
+                 for g in GROUPS}
+    new_opt = new_opt._replace(inner_states=new_inner)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = dict(metrics, finite=(finite & jnp.isfinite(metrics["loss"])).astype(jnp.float32))
+    new = state.replace(step=state.step + 1, params=trainable["params"], arch=trainable["arch"],
+                        batch_stats=batch_stats, opt_state=new_opt)
+    return new, metrics
+
+
+def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std,
+              programs: str = "step"):
+    """The pure search step for one structure: (state, batch, key, lam, flags) -> (state, metrics).
+
+    `flags` (5,) float: 1 = update this group (GROUPS order), 0 = keep it (warm-up trains the weights
+    only; the bilevel variant alternates). A frozen group keeps its parameters and optimizer state.
+
+    `programs`: 'step' compiles the whole step as one XLA program; 'cell' and 'edge' run it as a
+    chain of programs (`make_cell_step`), one forward and one backward per cell ('cell') or per part
+    of a cell: op gates, preprocess layers, edges ('edge', `programs.edge_programs`). Same values, up
+    to float reassociation; a chain compiles in less time, and a part whose structure and shapes were
+    compiled before (in this structure or an earlier one) is never compiled again.
+    """
+    if programs in CHAIN_PROGRAMS:
+        return make_cell_step(spec, tx, data_cfg, mean, std, programs)
+    if programs != "step":
+        raise ValueError(f"unknown step programs {programs!r}; choose 'step' (one program), 'cell' (per cell) "
+                         "or 'edge' (per edge)")
+    loss_fn = make_loss(spec)
+
+    def step(state: SearchState, batch, key, lam, flags):
+        images = data_lib.augment.augment_batch(key, batch["image"], data_cfg, mean, std, train=True)
+        trainable = {"params": state.params, "arch": state.arch}
+        grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
+            trainable, state.batch_stats, state.masks, images, batch["label"], lam)
+        return _apply_grads(tx, state, grads, batch_stats, metrics, flags)
+
+    return jax.jit(step, donate_argnums=0)
+
+
+# -- the step as a chain of per-cell programs ----------------------------------------------------
+
+CHAIN_PROGRAMS = ("cell", "edge")
+
+
+def _pick(tree: dict, names) -> dict:
+    return {k: tree[k] for k in names if k in tree}
+
+
+def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std,
+                   programs: str = "cell"):
+    """`make_step` as a chain of small programs: stem, each cell forward (keeping its residuals), head
+    and loss, each cell backward, stem backward, then the update. Same arguments, same results (up to
+    float reassociation) as the one-program step. `programs`: 'cell' runs each cell as one forward and
+    one backward program, 'edge' as programs per part (`programs.edge_programs`).
+
+    Why: the whole super-net step is one huge XLA program, whose compile time grows faster than its
+    size and which any change of structure recompiles whole. Chained programs are keyed by their own
+    structure and shapes, so after a commit only the cells (edges) that changed compile again, and
+    cells (edges) of identical structure and shapes share one program: the unpruned super-net's edges
+    are all alike within a stage. Without remat the residuals leaving each program are all
+    materialised (no less memory than the one program); with `spec.remat` a program keeps only its
+    inputs and its backward program recomputes the forward, so no program holds more than one cell's
+    (edge's) activations (benchmarks/README.md, sections 7 and 8).
+    """
+    n = len(spec.cells)
+    names = [f"cell_{i}" for i in range(n)]
+    if programs == "edge":
+        cells = [programs_lib.edge_programs(spec, i, spec.remat) for i in range(n)]
+    else:
+        cells = [programs_lib.cell_programs(supernet.cell_module(spec, i), spec.remat) for i in range(n)]
+    stem, head = supernet.SuperStem(spec.stem_channels), supernet.SuperHead(spec)
+    stem_names, head_names = supernet.STEM_NAMES, (supernet.head_name(spec),)
+
+    @jax.jit
+    def stem_forward(params, batch_stats, image, key):
+        images = data_lib.augment.augment_batch(key, image, data_cfg, mean, std, train=True)
+
+        def apply(p):
+            x, updates = stem.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
+                                    mutable=["batch_stats"])
+            return x, updates["batch_stats"]
+        return jax.vjp(apply, params, has_aux=True)
+
+    stem_backward = jax.jit(programs_lib.pull_back)
+
+    @jax.jit
+    def head_loss(params, batch_stats, x, labels):
+        def ce(p, x):
+            logits, updates = head.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                         mutable=["batch_stats"])
+            return losses.cross_entropy(logits, labels), (logits, updates.get("batch_stats", {}))
+        (value, (logits, stats)), grads = jax.value_and_grad(ce, argnums=(0, 1), has_aux=True)(params, x)
+        return value, jnp.mean(jnp.argmax(logits, -1) == labels), stats, grads
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def update(state, grads, batch_stats, ce, accuracy, lam, flags):
+        # the penalty's gradient (the cells' backward programs gave the cross-entropy's)
+        def penalty(arch):
+            r_op, r_thr = regularizers(arch, state.masks, spec)
+            return lam * (r_op + r_thr), (r_op, r_thr)
+        (_, (r_op, r_thr)), reg_grads = jax.value_and_grad(penalty, has_aux=True)(state.arch)
+        grads = dict(grads, arch=jax.tree.map(jnp.add, grads["arch"], reg_grads))
+        metrics = _loss_metrics(ce, r_op, r_thr, lam, accuracy)
+        return _apply_grads(tx, state, grads, batch_stats, metrics, flags)
+
+    def step(state: SearchState, batch, key, lam, flags):
+        params, bs = state.params, state.batch_stats
+        x, stem_vjp, stem_stats = stem_forward(_pick(params, stem_names), _pick(bs, stem_names),
+                                               batch["image"], key)
+        outs, residuals, stats = [x, x], [], dict(stem_stats)
+        for i, name in enumerate(names):
+            variables = {"batch_stats": bs[name], "masks": state.masks[name]}
+            out, res, stats[name] = cells[i][0](variables, params[name], state.arch[name], outs[i], outs[i + 1])
+            outs.append(out)
+            residuals.append(res)
+        ce, accuracy, head_stats, (g_head, g_out) = head_loss(
+            _pick(params, head_names), _pick(bs, head_names), outs[-1], batch["label"])
+        stats.update(head_stats)
+        g_params, g_arch = dict(g_head), {}
+        g_outs = [None] * (n + 2)   # gradient w.r.t. outs[j]
+        g_outs[-1] = g_out
+        del outs
+        for i in reversed(range(n)):
+            g_params[names[i]], g_arch[names[i]], g0, g1 = cells[i][1](residuals[i], g_outs[i + 2])
+            residuals[i] = g_outs[i + 2] = None   # free the cell's residuals as soon as they are used
+            g_outs[i] = programs_lib.accumulate(g_outs[i], g0)
+            g_outs[i + 1] = programs_lib.accumulate(g_outs[i + 1], g1)
+        (g_stem,) = stem_backward(stem_vjp, g_outs[0] + g_outs[1])
+        g_params.update(g_stem)
+        return update(state, {"params": g_params, "arch": g_arch}, stats, ce, accuracy, lam, flags)
+
+    return step
+
+
+def make_eval_step(spec: supernet.SuperNetSpec, mean, std):
+    model = supernet.SuperNet(spec)
+
+    def step(state: SearchState, batch):
+        images = data_lib.augment.normalize(batch["image"], mean, std)
+        logits = model.apply({"params": state.params, "arch": state.arch, "batch_stats": state.batch_stats,
+                              "masks": state.masks}, images, train=False)
+        correct = (jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]
+        return jnp.sum(correct), jnp.sum(batch["mask"])
+
+    return jax.jit(step)
