@@ -163,6 +163,7 @@ def test_non_finite_loss_stops_with_step_stage_and_no_checkpoint(tmp_path, monke
     assert ckpt_lib.Checkpointer(str(workdir / "checkpoints"), max_to_keep=3).latest_step() is None
 
 
+@pytest.mark.slow
 def test_rollback_policy_restores_the_last_checkpoint_with_lower_learning_rates(tmp_path, monkeypatch):
     from mgas_jax import checkpoint as ckpt_lib
 
