@@ -74,7 +74,7 @@ def step_pieces(args) -> None:
 
     def update(state, grads):
         trainable = {"params": state.params, "arch": state.arch}
-        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable, scales=search_step.GroupScales())
         return optax.apply_updates(trainable, updates), opt_state, losses.all_finite(grads)
 
     data_cfg = ml_collections.ConfigDict(dict(crop_padding=0, flip=False, cutout=0, autoaugment=False))
@@ -89,7 +89,7 @@ def step_pieces(args) -> None:
                               ("optimizer update", update, (state, grads))):
         _, seconds, fusions = _compile(fn, *fn_args)
         print(f"{name:>22} {seconds:9.1f} {fusions:8d}", flush=True)
-    _, seconds, fusions = _compile(step, state, batch, key, jnp.float32(1e-5), jnp.ones((5,), jnp.float32))
+    _, seconds, fusions = _compile(step, state, batch, key, jnp.float32(1e-5), search_step.GroupScales().asarrays())
     print(f"{'whole step':>22} {seconds:9.1f} {fusions:8d}", flush=True)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_depthwise import min_time  # noqa: E402  (this directory is on the path of a script)
-from mgas_jax import kernels, modes, ops, programs, supernet  # noqa: E402
+from mgas_jax import kernels, modes, names, ops, programs, supernet  # noqa: E402
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench")
 # cell of supernet.full_cells(16, 8) whose first edge (node 0 from input 0) has each (C, stride)
@@ -69,12 +69,12 @@ def edge_programs(spec, variables, c: int, size: int, stride: int, x, repeats: i
     i = CELL_OF[(c, stride)]
     cell = spec.cells[i]
     edge_ops = [o for o in cell.ops_into(0) if o.src == 0]
-    names = {o.op: supernet.op_name(o) for o in edge_ops}
+    op_names = {o.op: names.op_name(o) for o in edge_ops}
     module = supernet.SuperEdge(tuple((o.op, o.mid, o.out_index) for o in edge_ops), c, stride, spec.impl,
                                 None, True, True)
     forward, backward = programs._edge_programs(module, False)
-    sub = lambda tree: programs._sub(tree[f"cell_{i}"], names)  # noqa: E731
-    arch = variables["arch"][f"cell_{i}"]
+    sub = lambda tree: programs._sub(tree[names.cell_name(i)], op_names)  # noqa: E731
+    arch = variables["arch"][names.cell_name(i)]
     const = ({"batch_stats": sub(variables["batch_stats"]), "masks": sub(variables["masks"])}, edge_ops[0].edge)
     inputs = (sub(variables["params"]), sub(variables["arch"]), x, jax.nn.sigmoid(arch["alpha"]), arch["t_k"], arch["t_w"])
     y, residuals, _ = forward(const, *inputs)

@@ -89,14 +89,14 @@ def measure_ours(args, stage: int | None = None) -> dict:
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (args.batch, args.image, args.image, 3), dtype=np.uint8)),
              "label": jnp.asarray(rng.integers(0, args.classes, (args.batch,), dtype=np.int32))}
-    lam, flags = jnp.float32(1e-5), jnp.ones((5,), jnp.float32)
+    lam, scales = jnp.float32(1e-5), search_step.GroupScales().asarrays()
     step = search_step.make_step(spec, tx, data_cfg, jnp.asarray(CIFAR_MEAN), jnp.asarray(CIFAR_STD),
                                  programs=args.programs)
 
     xla_mb = None
     if args.programs == "step":
         t0 = time.perf_counter()
-        lowered = step.lower(state, batch, key, lam, flags)
+        lowered = step.lower(state, batch, key, lam, scales)
         trace_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         compiled = step = lowered.compile()
@@ -110,14 +110,14 @@ def measure_ours(args, stage: int | None = None) -> dict:
         # compile and one run; the run is subtracted below, once a step's time is known). It is the
         # first warm-up step, so both forms run the same steps on the same keys.
         t0 = time.perf_counter()
-        state, metrics = step(state, batch, jax.random.fold_in(key, 0), lam, flags)
+        state, metrics = step(state, batch, jax.random.fold_in(key, 0), lam, scales)
         jax.block_until_ready((state, metrics))
         first_s, trace_s = time.perf_counter() - t0, None
 
     def run(n, state, first=0):
         metrics = None
         for i in range(first, n):
-            state, metrics = step(state, batch, jax.random.fold_in(key, i), lam, flags)
+            state, metrics = step(state, batch, jax.random.fold_in(key, i), lam, scales)
         jax.block_until_ready((state, metrics))
         return state, metrics
 

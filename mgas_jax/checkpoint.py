@@ -44,38 +44,50 @@ class CorruptCheckpointError(ValueError):
 
 
 class Preempted(SystemExit):
-    """Raised after a SIGTERM once the run has checkpointed where it stood (exit status: the message)."""
+    """Raised after a SIGTERM or Ctrl-C once the run has checkpointed where it stood (exit status: the message)."""
 
 
-class SigtermFlag:
-    """A context in which SIGTERM (what TPU VMs and schedulers send before preemption) only sets a flag.
+class StopSignals:
+    """A context in which SIGTERM (what TPU VMs and schedulers send before preemption) and SIGINT
+    (Ctrl-C) only set a flag.
 
     The training or search loop polls `requested` between steps, checkpoints the exact position and
     raises `Preempted`: nothing is cut off mid-write (orbax commits atomically) and the next run resumes
-    at the following step. Outside the main thread no handler can be installed; the loop's regular
-    checkpoints still hold.
+    at the following step. A second Ctrl-C raises KeyboardInterrupt at once, for a user who would
+    rather lose the steps since the last checkpoint than wait for the current step. Outside the main
+    thread no handler can be installed; the loop's regular checkpoints still hold.
     """
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.signal: Optional[str] = None   # the name of the first signal received, e.g. 'SIGTERM'
+        self._old: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def _handle(self, signum, frame):
-        del signum, frame
+        del frame
         from absl import logging
-        logging.warning("SIGTERM received: checkpointing at the next step")
-        self.requested = True
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.signal == name:
+            raise KeyboardInterrupt(f"a second {name}: stopped without checkpointing")
+        logging.warning("%s received: checkpointing at the next step%s", name,
+                        " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else "")
+        self.signal = self.signal or name
 
-    def __enter__(self) -> "SigtermFlag":
+    def __enter__(self) -> "StopSignals":
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread
-            self._old = None
+            self._old = {}
         return self
 
     def __exit__(self, *exc) -> bool:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
         return False
 
 

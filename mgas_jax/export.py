@@ -8,10 +8,11 @@ A record is a self-describing JSON (format `mgas-architecture/1`) plus an `.npz`
      "params": {"dense", "nonzero"},           # of the derived evaluation network, auxiliary head excluded
      "val_accuracy", "masks": "<file>.npz"}
 
-The npz maps `cell_{i}/op_{node}_{src}_{op}/.../kernel` (the evaluation network's parameter paths) to
+The npz maps `cell_{i}/op_{node}_{src}_{op}/.../kernel` (the evaluation network's parameter paths,
+`names.py`, joined by '/') to
 0/1 masks; `load_architecture` turns both back into a NetworkSpec's cells and a `masks` collection.
 Files are written atomically (temporary file + rename); an export that exists with other content is
-never overwritten (docs/method.md section 6; issue: nothing lost).
+never overwritten (docs/method.md section 6: nothing is lost).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgas_jax import genotype as genotype_lib
-from mgas_jax import network, pruning, supernet
+from mgas_jax import names, network, pruning, supernet
 
 FORMAT = "mgas-architecture/1"
 
@@ -112,16 +113,10 @@ def npz_bytes(arrays: dict) -> bytes:
 
 def _dead(masks: dict, cell_idx: int, o) -> bool:
     """An op whose inner or output filters are all committed off outputs exactly zero."""
-    base = masks.get(f"cell_{cell_idx}", {}).get(supernet.op_name(o))
-    if base is None:
-        return False
-    units = {"sep": ("unit1", "unit2"), "dil": ("unit",)}
-    for kind, names in units.items():
-        if kind in base:
-            for u in names:
-                gate = base[kind][u].get("gate")
-                if gate is not None and float(np.sum(gate["beta"])) == 0.0:
-                    return True
+    for unit in names.conv_units(o.op):
+        path = names.gate(names.op_path(cell_idx, o) + unit)
+        if names.has_path(masks, path) and float(np.sum(names.get_path(masks, path))) == 0.0:
+            return True
     return False
 
 
@@ -180,11 +175,11 @@ def derived_masks(masks: dict, record: dict, *, weight_level: bool = True) -> di
         return {p: np.ones(v.shape, np.uint8) for p, v in _flat(_network_shapes(record).get("masks", {})).items()}
     for i, cell in enumerate(cells):
         for o in cell.ops:
-            sub = masks.get(f"cell_{i}", {}).get(supernet.op_name(o))
-            if sub is None:
+            base = names.op_path(i, o)
+            if not names.has_path(masks, base):
                 continue
-            for path, m in _flat(sub, f"cell_{i}/{supernet.op_name(o)}").items():
-                if path.endswith("/kernel"):
+            for path, m in _flat(names.get_path(masks, base), "/".join(base)).items():
+                if names.is_kernel(path.split("/")):
                     out[path] = np.asarray(m)
     return out
 

@@ -5,6 +5,7 @@ Everything here is plain JAX (no Flax), so other code bases can import it:
     from mgas_jax import gates
     g = gates.op_gate(alpha, t_op, committed, node_of_edge)   # (E, O) op gates
     w_masked = w * gates.weight_mask(w, t_w)
+    keep = gates.filter_mask(beta, t_k, committed)           # what a commit keeps: the same rule
 
 Method reference: `docs/method.md` section 2.
 """
@@ -59,18 +60,30 @@ def live_mask(score: jax.Array, threshold: jax.Array) -> jax.Array:
     return (jax.nn.sigmoid(score) > threshold).astype(jnp.float32)
 
 
-def filter_gate(beta: jax.Array, threshold: jax.Array, committed: jax.Array | None = None) -> jax.Array:
-    """Per-channel filter gate sigma(beta) * H(sigma(beta) - t) * committed.
+def filter_mask(beta: jax.Array, threshold: jax.Array, committed: jax.Array | None = None) -> jax.Array:
+    """Per-channel live filter mask H(sigma(beta) - t) (surrogate gradient), ANDed with `committed`.
+
+    The filter gate's 0/1 factor: the forward multiplies by `filter_gate`, and a commit keeps the
+    filters where this is 1 (`pruning.commit`), so both follow one rule.
 
     Args:
       beta: (C,) filter scores.
       threshold: scalar threshold shared by the beta vectors of one op (or preprocess layer).
-      committed: optional (C,) 0/1 committed mask; the live mask is ANDed with it.
+      committed: optional (C,) 0/1 committed mask.
+    Returns:
+      (C,) 0/1 mask.
+    """
+    m = hard_step(jax.nn.sigmoid(beta) - threshold)
+    return m if committed is None else m * committed
+
+
+def filter_gate(beta: jax.Array, threshold: jax.Array, committed: jax.Array | None = None) -> jax.Array:
+    """Per-channel filter gate sigma(beta) * H(sigma(beta) - t) * committed (see `filter_mask`).
+
     Returns:
       (C,) channel scales.
     """
-    g = score_gate(beta, threshold)
-    return g if committed is None else g * committed
+    return jax.nn.sigmoid(beta) * filter_mask(beta, threshold, committed)
 
 
 def weight_mask(w: jax.Array, threshold: jax.Array, committed: jax.Array | None = None) -> jax.Array:

@@ -118,6 +118,18 @@ def setup_host_memory(config) -> bool:
     return kept
 
 
+# The hashes logged when a mode starts: those of the runs it makes that resume from checkpoints, each
+# as its checkpoints and results record it (config.run_identity). A retraining's hash also covers its
+# architecture; retrain.py logs it when that retraining starts.
+LOGGED_RUNS = {
+    "train": {"train": config_lib.TRAIN_SECTIONS},
+    "search": {"search": config_lib.SEARCH_SECTIONS},
+    "retrain": {},
+    "evaluate": {},
+    "all": {"search": config_lib.SEARCH_SECTIONS},
+}
+
+
 @config_lib.validates
 def run(config, workdir: str):
     """Runs `config.mode` on `workdir` and returns what its function returns.
@@ -125,4 +137,7 @@ def run(config, workdir: str):
     The config is validated here, once: the mode functions (and the entry points they call) do not
     check it again.
     """
+    hashes = "".join(f", {run} hash {config_lib.config_hash(config, sections)}"
+                     for run, sections in LOGGED_RUNS[config.mode].items())
+    logging.info("mode=%s workdir=%s%s", config.mode, workdir, hashes)
     return MODES[config.mode](config, workdir)

@@ -10,7 +10,7 @@ channel counts, fixed weight masks, BN after pools; docs/method.md section 6).
     logits, aux = Network(spec).apply(variables, x, train=True, drop_path_rate=0.2,
                                       rngs={"dropout": key}, mutable=["batch_stats"])[0]
 
-Variable names (stable; exported weight masks from the search are matched by them):
+Variable names (stable; exported weight masks from the search are matched by them; `names.py` owns them):
 
     stem/conv0, stem/bn0                      CIFAR stem (ImageNet: stem0/{conv0,bn0,conv1,bn1}, stem1/{conv0,bn0})
     cell_{i}/pre0, cell_{i}/pre1              ops.Preprocess (conv+bn, or fr/{conv1,conv2,bn})
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgas_jax import kernels
+from mgas_jax import kernels, names
 from mgas_jax import ops as ops_lib
 from mgas_jax.genotype import CellSpec, Genotype, genotype_to_cells, get_genotype
 
@@ -115,7 +115,7 @@ def _check_cell(cell: CellSpec, where: str) -> None:
             raise ValueError(f"{at}: node {o.node} may read states 0..{o.node + 1}, not {o.src}")
         key = (o.node, o.src, o.op)
         if key in seen:
-            raise ValueError(f"{at}: the same op appears twice on one edge; op_{o.node}_{o.src}_{o.op} must be unique")
+            raise ValueError(f"{at}: the same op appears twice on one edge; {names.op_name(o)} must be unique")
         seen.add(key)
         if o.mid is not None and (type(o.mid) is not int or o.mid < 1):
             raise ValueError(f"{at}: mid must be a positive int or None, got {o.mid!r}")
@@ -188,9 +188,9 @@ class Cell(nn.Module):
     def __call__(self, s0, s1, train: bool, drop_path_rate=0.0):
         c = self.cell
         s0 = ops_lib.Preprocess(c.width, self.reduction_prev, out_index=c.pre0_index, search=False,
-                                dtype=self.dtype, name="pre0")(s0, train)
+                                dtype=self.dtype, name=names.PRE[0])(s0, train)
         s1 = ops_lib.Preprocess(c.width, False, out_index=c.pre1_index, search=False,
-                                dtype=self.dtype, name="pre1")(s1, train)
+                                dtype=self.dtype, name=names.PRE[1])(s1, train)
         # A traced rate (a schedule inside jit) always applies the mask; a Python 0 skips it.
         use_drop_path = train and not (isinstance(drop_path_rate, (int, float)) and drop_path_rate <= 0)
         states = [s0, s1]
@@ -202,7 +202,7 @@ class Cell(nn.Module):
                 stride = 2 if c.reduction and o.src < 2 else 1
                 y = ops_lib.Op(o.op, c.width, stride, mid=o.mid, out_index=o.out_index, search=False, affine=True,
                                pool_bn=self.pool_bn, masked=self.masked, impl=self.impl, dtype=self.dtype,
-                               name=f"op_{o.node}_{o.src}_{o.op}")(states[o.src], train)
+                               name=names.op_name(o))(states[o.src], train)
                 # DARTS drops every op output except the identity's (stride-1 skip_connect)
                 if use_drop_path and not (o.op == "skip_connect" and stride == 1):
                     y = _drop_path(self, y, drop_path_rate)
@@ -285,7 +285,7 @@ class Network(nn.Module):
         aux = None
         for i, cell in enumerate(spec.cells):
             s0, s1 = s1, Cell(cell, reduction_prev, pool_bn=spec.pool_bn, masked=spec.masked, impl=spec.impl,
-                              dtype=spec.dtype, name=f"cell_{i}")(s0, s1, train, drop_path_rate)
+                              dtype=spec.dtype, name=names.cell_name(i))(s0, s1, train, drop_path_rate)
             reduction_prev = cell.reduction
             if spec.auxiliary and i == spec.aux_cell and (train or self.is_initializing()):
                 aux = AuxHead(spec.num_classes, spec.imagenet_stem, dtype=spec.dtype, name="aux_head")(s1, train)

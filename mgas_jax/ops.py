@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mgas_jax import gates, kernels
+from mgas_jax import gates, kernels, names
 
 OPS = ("skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
        "avg_pool_3x3", "max_pool_3x3")
@@ -84,9 +84,9 @@ class Conv(nn.Module):
         c_in = x.shape[-1]
         k = self.kernel_size
         shape = (k, k, 1, c_in) if self.depthwise else (k, k, c_in, self.features)
-        kernel = self.param("kernel", conv_init, shape, jnp.float32)
+        kernel = self.param(names.KERNEL, conv_init, shape, jnp.float32)
         if self.masked:
-            committed = self.variable("masks", "kernel", jnp.ones, shape, jnp.float32).value
+            committed = self.variable("masks", names.KERNEL, jnp.ones, shape, jnp.float32).value
             mask = committed if t_w is None else gates.weight_mask(kernel, t_w, committed)
             kernel = kernel * mask
         if self.dtype is not None:
@@ -115,8 +115,8 @@ class FilterGate(nn.Module):
 
     @nn.compact
     def __call__(self, x, threshold=None):
-        beta = self.variable("arch", "beta", jnp.zeros, (self.features,), jnp.float32).value
-        committed = self.variable("masks", "beta", jnp.ones, (self.features,), jnp.float32).value
+        beta = self.variable("arch", names.BETA, jnp.zeros, (self.features,), jnp.float32).value
+        committed = self.variable("masks", names.BETA, jnp.ones, (self.features,), jnp.float32).value
         if threshold is None:
             g = jax.nn.sigmoid(beta) * committed
         else:
@@ -140,11 +140,11 @@ class ConvUnit(nn.Module):
     def __call__(self, x, train: bool, t_k=None, t_w=None):
         x = nn.relu(x)
         x = Conv(0, self.kernel_size, self.stride, self.dilation, depthwise=True, masked=self.masked,
-                 impl=self.impl, dtype=self.dtype, name="dw")(x, t_w)
-        x = Conv(self.features, 1, masked=self.masked, dtype=self.dtype, name="pw")(x, t_w)
-        x = batch_norm(train, self.affine, name="bn")(x)
+                 impl=self.impl, dtype=self.dtype, name=names.DW)(x, t_w)
+        x = Conv(self.features, 1, masked=self.masked, dtype=self.dtype, name=names.PW)(x, t_w)
+        x = batch_norm(train, self.affine, name=names.BN)(x)
         if self.search:
-            x = FilterGate(self.features, name="gate")(x, t_k)
+            x = FilterGate(self.features, name=names.GATE)(x, t_k)
         return x
 
 
@@ -163,8 +163,8 @@ class SepConv(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool, t_k=None, t_w=None):
         kw = dict(search=self.search, affine=self.affine, masked=self.masked, impl=self.impl, dtype=self.dtype)
-        x = ConvUnit(self.mid, self.kernel_size, self.stride, 1, name="unit1", **kw)(x, train, t_k, t_w)
-        return ConvUnit(self.out, self.kernel_size, 1, 1, name="unit2", **kw)(x, train, t_k, t_w)
+        x = ConvUnit(self.mid, self.kernel_size, self.stride, 1, name=names.SEP_UNITS[0], **kw)(x, train, t_k, t_w)
+        return ConvUnit(self.out, self.kernel_size, 1, 1, name=names.SEP_UNITS[1], **kw)(x, train, t_k, t_w)
 
 
 class DilConv(nn.Module):
@@ -181,7 +181,7 @@ class DilConv(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool, t_k=None, t_w=None):
         return ConvUnit(self.out, self.kernel_size, self.stride, 2, search=self.search, affine=self.affine,
-                        masked=self.masked, impl=self.impl, dtype=self.dtype, name="unit")(x, train, t_k, t_w)
+                        masked=self.masked, impl=self.impl, dtype=self.dtype, name=names.DIL_UNIT)(x, train, t_k, t_w)
 
 
 class FactorizedReduce(nn.Module):
@@ -204,13 +204,13 @@ class FactorizedReduce(nn.Module):
         shifted = jnp.pad(x[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
         parts = []
         if self.n1:
-            parts.append(Conv(self.n1, 1, stride=2, dtype=self.dtype, name="conv1")(x))
+            parts.append(Conv(self.n1, 1, stride=2, dtype=self.dtype, name=names.FR_CONVS[0])(x))
         if self.n2:
-            parts.append(Conv(self.n2, 1, stride=2, dtype=self.dtype, name="conv2")(shifted))
+            parts.append(Conv(self.n2, 1, stride=2, dtype=self.dtype, name=names.FR_CONVS[1])(shifted))
         y = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-        y = batch_norm(train, self.affine, name="bn")(y)
+        y = batch_norm(train, self.affine, name=names.BN)(y)
         if self.search and self.gated:
-            y = FilterGate(self.n1 + self.n2, name="gate")(y, threshold)
+            y = FilterGate(self.n1 + self.n2, name=names.GATE)(y, threshold)
         return y
 
 
@@ -270,20 +270,20 @@ class Op(nn.Module):
             if self.stride == 1:
                 return x
             n1, n2 = factorized_halves(self.out_index, self.width)
-            y = FactorizedReduce(n1, n2, self.search, self.affine, dtype=self.dtype, name="fr")(x, train)
+            y = FactorizedReduce(n1, n2, self.search, self.affine, dtype=self.dtype, name=names.FR)(x, train)
             return scatter_channels(y, self.out_index, self.width)
         if name.endswith("pool_3x3"):
             y = pool(name, x, self.stride, self.impl)
             if self.pool_bn:
-                y = batch_norm(train, self.affine, name="bn")(y)
+                y = batch_norm(train, self.affine, name=names.BN)(y)
             return y
         k = kernel_size(name)
         kw = dict(search=self.search, affine=self.affine, masked=self.masked, impl=self.impl, dtype=self.dtype)
         if name.startswith("sep_conv"):
             mid = self.width if self.mid is None else self.mid
-            y = SepConv(mid, n_out, k, self.stride, name="sep", **kw)(x, train, t_k, t_w)
+            y = SepConv(mid, n_out, k, self.stride, name=names.SEP, **kw)(x, train, t_k, t_w)
         else:
-            y = DilConv(n_out, k, self.stride, name="dil", **kw)(x, train, t_k, t_w)
+            y = DilConv(n_out, k, self.stride, name=names.DIL, **kw)(x, train, t_k, t_w)
         return scatter_channels(y, self.out_index, self.width)
 
 
@@ -304,10 +304,10 @@ class Preprocess(nn.Module):
         n_out = self.width if self.out_index is None else len(self.out_index)
         if self.reduce:
             n1, n2 = factorized_halves(self.out_index, self.width)
-            y = FactorizedReduce(n1, n2, self.search, self.affine, gated=False, dtype=self.dtype, name="fr")(x, train)
+            y = FactorizedReduce(n1, n2, self.search, self.affine, gated=False, dtype=self.dtype, name=names.FR)(x, train)
         else:
-            y = Conv(n_out, 1, dtype=self.dtype, name="conv")(nn.relu(x))
-            y = batch_norm(train, self.affine, name="bn")(y)
+            y = Conv(n_out, 1, dtype=self.dtype, name=names.CONV)(nn.relu(x))
+            y = batch_norm(train, self.affine, name=names.BN)(y)
         if self.search:
-            y = FilterGate(n_out, name="gate")(y, threshold)
+            y = FilterGate(n_out, name=names.GATE)(y, threshold)
         return scatter_channels(y, self.out_index, self.width)

@@ -31,7 +31,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from mgas_jax import gates, ops, supernet
+from mgas_jax import gates, names, ops, supernet
 
 
 def pull_back(vjp, g):
@@ -120,9 +120,9 @@ def _gate_programs(steps: int, remat: bool) -> tuple[Callable, Callable]:
     return vjp_programs(apply, remat, "gates")
 
 
-def _sub(tree: dict, names: dict) -> dict:
+def _sub(tree: dict, op_names: dict) -> dict:
     """{short: tree[long]} for the long names present in tree (ops without variables have none)."""
-    return {short: tree[long] for short, long in names.items() if long in tree}
+    return {short: tree[long] for short, long in op_names.items() if long in tree}
 
 
 def accumulate(total, term):
@@ -152,28 +152,28 @@ def edge_programs(spec: supernet.SuperNetSpec, i: int, remat: bool) -> tuple[Cal
             stride = 2 if cell.reduction and src < 2 else 1
             module = supernet.SuperEdge(tuple((o.op, o.mid, o.out_index) for o in edge_ops), cell.width, stride,
                                         impl, dtype, fl, wl)
-            names = {o.op: supernet.op_name(o) for o in edge_ops}
-            plan.append((edge_ops[0].edge, src, names, _edge_programs(module, remat)))
+            op_names = {o.op: names.op_name(o) for o in edge_ops}
+            plan.append((edge_ops[0].edge, src, op_names, _edge_programs(module, remat)))
         if not plan:
             raise ValueError(f"node {node} of a cell has no op; the protection rule should prevent this")
         nodes.append(plan)
 
     def forward(variables, params, arch, s0, s1):
         bs, masks = variables["batch_stats"], variables["masks"]
-        g, gate_res, _ = gate_forward(masks["ops"] * active, arch["alpha"], arch["t_op"])
+        g, gate_res, _ = gate_forward(masks[names.OPS_MASK] * active, arch["alpha"], arch["t_op"])
         stats, residuals, states = {}, {"gate": gate_res}, []
-        for k, (name, x) in enumerate((("pre0", s0), ("pre1", s1))):
+        for k, (name, x) in enumerate(zip(names.PRE, (s0, s1))):
             sub = {"batch_stats": bs.get(name, {}), "masks": masks.get(name, {})}
             y, residuals[name], stats[name] = pre_programs[k][0](sub, params[name], arch.get(name, {}),
                                                                  x, arch["t_pre"][k])
             states.append(y)
         for plan in nodes:
             acc = None
-            for e, src, names, (edge_forward, _) in plan:
-                sub = {"batch_stats": _sub(bs, names), "masks": _sub(masks, names)}
-                y, residuals[e], st = edge_forward((sub, e), _sub(params, names), _sub(arch, names), states[src],
+            for e, src, op_names, (edge_forward, _) in plan:
+                sub = {"batch_stats": _sub(bs, op_names), "masks": _sub(masks, op_names)}
+                y, residuals[e], st = edge_forward((sub, e), _sub(params, op_names), _sub(arch, op_names), states[src],
                                                    g, arch["t_k"], arch["t_w"])
-                stats.update({long: st[short] for short, long in names.items() if short in st})
+                stats.update({long: st[short] for short, long in op_names.items() if short in st})
                 acc = y if acc is None else acc + y
             states.append(acc)
         # a state that nothing reads (a cell input whose edges were all pruned) gets a zero cotangent
@@ -192,14 +192,14 @@ def edge_programs(spec: supernet.SuperNetSpec, i: int, remat: bool) -> tuple[Cal
         g_g = g_tk = g_tw = None
         for node in reversed(range(steps)):
             g_node = cotangent(node + 2)
-            for e, src, names, (_, edge_backward) in reversed(nodes[node]):
+            for e, src, op_names, (_, edge_backward) in reversed(nodes[node]):
                 gp, ga, gx, gg, gtk, gtw = edge_backward(residuals.pop(e), g_node)
-                g_params.update({names[short]: v for short, v in gp.items()})
-                g_arch.update({names[short]: v for short, v in ga.items()})
+                g_params.update({op_names[short]: v for short, v in gp.items()})
+                g_arch.update({op_names[short]: v for short, v in ga.items()})
                 g_states[src] = accumulate(g_states[src], gx)
                 g_g, g_tk, g_tw = accumulate(g_g, gg), accumulate(g_tk, gtk), accumulate(g_tw, gtw)
         g_inputs, g_tpre = [], []
-        for k, name in enumerate(("pre0", "pre1")):
+        for k, name in enumerate(names.PRE):
             gp, ga, gx, gt = pre_programs[k][1](residuals.pop(name), cotangent(k))
             g_params[name] = gp
             if ga:

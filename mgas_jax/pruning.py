@@ -9,17 +9,17 @@ physical filter pruning).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from mgas_jax import gates, ops
+from mgas_jax import gates, names, ops
 from mgas_jax.genotype import CellSpec, OpSpec, edge_endpoints, num_edges
-from mgas_jax.supernet import NUM_OPS, SuperNetSpec, active_matrix, op_name
+from mgas_jax.names import get_path as _get, has_path as _has
+from mgas_jax.supernet import NUM_OPS, SuperNetSpec, active_matrix
 
-OP_NAME = re.compile(r"^op_(\d+)_(\d+)_(.+)$")
 REMOVED_ALPHA = -30.0  # "pushed to a very negative value": sigma(-30) ~ 1e-13
 
 
@@ -59,20 +59,6 @@ def lambda_update(s: LambdaState, pruned: int, *, lambda0: float, c0: float, n: 
 # ----------------------------------------------------------------------------------------------
 # Tree paths
 
-def _get(tree: dict, path: tuple):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _has(tree: dict, path: tuple) -> bool:
-    try:
-        _get(tree, path)
-        return True
-    except (KeyError, TypeError):
-        return False
-
-
 def _set(tree: dict, path: tuple, value) -> None:
     for k in path[:-1]:
         tree = tree[k]
@@ -93,17 +79,12 @@ def _walk(tree: dict, prefix=()):
             yield prefix + (k,), v
 
 
-def parse_op_name(name: str) -> Optional[tuple[int, int, str]]:
-    m = OP_NAME.match(name)
-    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
-
-
 # ----------------------------------------------------------------------------------------------
 # Counts and the size proxy
 
-def committed_count(masks: dict, cell_idx: int, o: OpSpec, unit: str) -> int:
-    """Committed output filters of one gated unit ('sep/unit1', 'sep/unit2', 'dil/unit')."""
-    path = (f"cell_{cell_idx}", op_name(o)) + tuple(unit.split("/")) + ("gate", "beta")
+def committed_count(masks: dict, cell_idx: int, o: OpSpec, unit: tuple) -> Optional[int]:
+    """Committed output filters of one gated unit of op `o` (one of `names.conv_units(o.op)`)."""
+    path = names.gate(names.op_path(cell_idx, o) + unit)
     if not _has(masks, path):  # filter level off: every filter counts
         return None
     return int(np.sum(np.asarray(_get(masks, path))))
@@ -116,11 +97,12 @@ def op_size(cell: CellSpec, cell_idx: int, o: OpSpec, masks: dict) -> int:
     if o.op in ops.CONV_OPS:
         k = ops.kernel_size(o.op)
         n_out = c if o.out_index is None else len(o.out_index)
+        units = names.conv_units(o.op)
         if o.op.startswith("sep"):
-            k1 = _or(committed_count(masks, cell_idx, o, "sep/unit1"), c if o.mid is None else o.mid)
-            k3 = _or(committed_count(masks, cell_idx, o, "sep/unit2"), n_out)
+            k1 = _or(committed_count(masks, cell_idx, o, units[0]), c if o.mid is None else o.mid)
+            k3 = _or(committed_count(masks, cell_idx, o, units[1]), n_out)
             return k * k * c + c * k1 + k * k * k1 + k1 * k3
-        k1 = _or(committed_count(masks, cell_idx, o, "dil/unit"), n_out)
+        k1 = _or(committed_count(masks, cell_idx, o, units[0]), n_out)
         return k * k * c + c * k1
     if o.op == "skip_connect" and cell.reduction and o.src < 2:
         return c * c
@@ -157,8 +139,9 @@ def committed_ops(masks: dict, spec: SuperNetSpec) -> list[np.ndarray]:
     out = []
     for i, cell in enumerate(spec.cells):
         m = active_matrix(cell)
-        if _has(masks, (f"cell_{i}", "ops")):
-            m = m * np.asarray(_get(masks, (f"cell_{i}", "ops")))
+        path = (names.cell_name(i), names.OPS_MASK)
+        if _has(masks, path):
+            m = m * np.asarray(_get(masks, path))
         out.append(m)
     return out
 
@@ -168,10 +151,20 @@ def op_live_masks(arch: dict, spec: SuperNetSpec, masks: Optional[dict] = None) 
     active = committed_ops(masks or {}, spec)
     out = []
     for i, cell in enumerate(spec.cells):
-        a = arch[f"cell_{i}"]
+        a = arch[names.cell_name(i)]
         _, live = gates.op_gate(a["alpha"], a["t_op"], active[i], gates.edge_nodes(cell.steps))
         out.append(np.asarray(live))
     return out
+
+
+def _recommit(masks: dict, path: tuple, rule: Callable) -> int:
+    """Replace the committed mask at `path` (where there is one) by `rule(old)`; returns the units it drops."""
+    if not _has(masks, path):  # that level is off
+        return 0
+    old = _get(masks, path)
+    new = np.asarray(rule(jnp.asarray(old)), np.float32)
+    _set(masks, path, new)
+    return int(old.sum() - new.sum())
 
 
 def commit(spec: SuperNetSpec, params: dict, arch: dict, masks: dict, *, remove: bool = True) -> CommitResult:
@@ -180,17 +173,21 @@ def commit(spec: SuperNetSpec, params: dict, arch: dict, masks: dict, *, remove:
     Ops whose live mask is 0 are committed off (their alpha is pushed to REMOVED_ALPHA): with
     `remove` they leave the spec (with every op committed off earlier), otherwise their entry of the
     cell's `ops` mask becomes 0 and the structure stays (no recompilation). Filter masks become
-    committed AND (sigma(beta) > t); weight masks committed AND (|w| > t_w). Filter scores of
-    FactorizedReduce have no threshold and are not committed here.
+    committed AND (sigma(beta) > t) (`gates.filter_mask`); weight masks committed AND (|w| > t_w)
+    (`gates.weight_mask`), the live masks of the forward. Filter scores of FactorizedReduce have no
+    threshold and are not committed here.
     """
     arch, masks = to_numpy(arch), to_numpy(masks)
     params = to_numpy(params)
+    # The forward's own gate functions (one rule, so a change of gate cannot leave the commits behind),
+    # looked up now and compiled once per shape.
+    filter_rule, weight_rule = jax.jit(gates.filter_mask), jax.jit(gates.weight_mask)
     live = op_live_masks(arch, spec, masks)
     before = committed_ops(masks, spec)
     new_cells, removed = [], []
     filters_off = weights_off = 0
     for i, cell in enumerate(spec.cells):
-        cname = f"cell_{i}"
+        cname = names.cell_name(i)
         a = arch[cname]
         keep = []
         for o in cell.ops:
@@ -203,37 +200,25 @@ def commit(spec: SuperNetSpec, params: dict, arch: dict, masks: dict, *, remove:
                 a["alpha"][o.edge, o.op_index] = REMOVED_ALPHA
             if not remove:
                 keep.append(o)  # stays built, gated off by its committed mask
-                masks[cname].setdefault("ops", active_matrix(cell))[o.edge, o.op_index] = 0.0
+                masks[cname].setdefault(names.OPS_MASK, active_matrix(cell))[o.edge, o.op_index] = 0.0
         new_cell = dataclasses.replace(cell, ops=tuple(keep))
         if remove and cname in masks:
-            masks[cname]["ops"] = active_matrix(new_cell)
+            masks[cname][names.OPS_MASK] = active_matrix(new_cell)
         new_cells.append(new_cell)
-        for pre in ("pre0", "pre1"):
-            t = a["t_pre"][int(pre[-1])]
-            path = (cname, pre, "gate", "beta")
-            if not _has(masks, path):  # filter level off
+        for k in range(len(names.PRE)):
+            path = names.gate(names.pre_path(i, k))
+            t = a["t_pre"][k]
+            filters_off += _recommit(masks, path, lambda m, path=path, t=t: filter_rule(_get(arch, path), t, m))
+        for o in keep:
+            if live[i][o.edge, o.op_index] == 0:
                 continue
-            old = _get(masks, path)
-            new = old * (1.0 / (1.0 + np.exp(-_get(arch, path))) > t)
-            filters_off += int(old.sum() - new.sum())
-            _set(masks, path, new.astype(np.float32))
-        kept = {op_name(o): o for o in keep if live[i][o.edge, o.op_index] > 0}
-        for path, m in list(_walk(masks.get(cname, {}))):
-            name = path[0]
-            if name not in kept:
-                continue
-            o = kept[name]
-            full = (cname,) + path
-            if path[-2:] == ("gate", "beta") and "fr" not in path:
-                t = a["t_k"][o.edge, o.op_index]
-                new = m * (1.0 / (1.0 + np.exp(-_get(arch, full))) > t)
-                filters_off += int(m.sum() - new.sum())
-                _set(masks, full, new.astype(np.float32))
-            elif path[-1] == "kernel":
-                t = a["t_w"][o.edge, o.op_index]
-                new = m * (np.abs(_get(params, full)) > t)
-                weights_off += int(m.sum() - new.sum())
-                _set(masks, full, new.astype(np.float32))
+            t_k, t_w = a["t_k"][o.edge, o.op_index], a["t_w"][o.edge, o.op_index]
+            for unit in names.conv_units(o.op):
+                u = names.op_path(i, o) + unit
+                path = names.gate(u)
+                filters_off += _recommit(masks, path, lambda m, path=path: filter_rule(_get(arch, path), t_k, m))
+                for path in names.unit_kernels(u):
+                    weights_off += _recommit(masks, path, lambda m, path=path: weight_rule(_get(params, path), t_w, m))
     new_spec = dataclasses.replace(spec, cells=tuple(new_cells))
     return CommitResult(new_spec, prune_tree(arch, new_spec), prune_tree(masks, new_spec),
                         removed, filters_off, weights_off)
@@ -243,12 +228,12 @@ def prune_tree(tree: dict, spec: SuperNetSpec) -> dict:
     """Drop the subtrees of ops that are not in the spec (committed off), and of unbuilt cells."""
     out = {}
     for k, v in tree.items():
-        if k.startswith("cell_"):
-            i = int(k.split("_")[1])
+        i = names.cell_index(k)
+        if i is not None:
             if i >= len(spec.cells):
                 continue
-            names = {op_name(o) for o in spec.cells[i].ops}
-            out[k] = {n: sub for n, sub in v.items() if not n.startswith("op_") or n in names}
+            built = {names.op_name(o) for o in spec.cells[i].ops}
+            out[k] = {n: sub for n, sub in v.items() if not names.is_op_name(n) or n in built}
         else:
             out[k] = v
     return out
@@ -354,7 +339,7 @@ def reset_regrown(arch: dict, grown: list) -> dict:
     """alpha of regrown ops back to 0 (their beta and masks are fresh from initialisation)."""
     arch = to_numpy(arch)
     for i, o in grown:
-        arch[f"cell_{i}"]["alpha"][o.edge, o.op_index] = 0.0
+        arch[names.cell_name(i)]["alpha"][o.edge, o.op_index] = 0.0
     return arch
 
 
@@ -390,17 +375,16 @@ def _drop(trees: dict, path: tuple) -> None:
             del _get(tree, path[:-1])[path[-1]]
 
 
-def _shrink_unit(trees: dict, base: tuple, unit: str, idx: np.ndarray, next_dw: Optional[str], next_pw: Optional[str]):
-    """Keep output channels `idx` of a ConvUnit (pw kernel, BN, gate) and the matching inputs downstream."""
-    u = base + tuple(unit.split("/"))
-    _take(trees, u, ("pw", "kernel"), 3, idx)
-    for leaf in ("mean", "var", "scale", "bias"):
-        _take(trees, u, ("bn", leaf), 0, idx)
-    _take(trees, u, ("gate", "beta"), 0, idx)
-    if next_dw:
-        _take(trees, base + tuple(next_dw.split("/")), ("dw", "kernel"), 3, idx)
-    if next_pw:
-        _take(trees, base + tuple(next_pw.split("/")), ("pw", "kernel"), 2, idx)
+def _shrink_unit(trees: dict, unit: tuple, idx: np.ndarray, next_unit: Optional[tuple]) -> None:
+    """Keep output channels `idx` of the ConvUnit at `unit` (pw kernel, BN, gate) and the matching inputs
+    of the ConvUnit `next_unit` it feeds (sep_conv's second), if any."""
+    _take(trees, unit, (names.PW, names.KERNEL), 3, idx)
+    for leaf in names.BN_LEAVES:
+        _take(trees, unit, (names.BN, leaf), 0, idx)
+    _take(trees, names.gate(unit), (), 0, idx)
+    if next_unit:
+        _take(trees, next_unit, (names.DW, names.KERNEL), 3, idx)
+        _take(trees, next_unit, (names.PW, names.KERNEL), 2, idx)
 
 
 def shrink(spec: SuperNetSpec, variables: dict) -> tuple[SuperNetSpec, dict]:
@@ -423,47 +407,46 @@ def shrink(spec: SuperNetSpec, variables: dict) -> tuple[SuperNetSpec, dict]:
     """
     trees = {k: to_numpy(v) for k, v in variables.items()}
     masks, arch = trees["masks"], trees["arch"]
-    if not _has(masks, ("cell_0", "pre0", "gate", "beta")):
+    if not _has(masks, names.gate(names.pre_path(0, 0))):
         return spec, trees  # filter level off: no filter is ever committed off
     new_cells = []
     for i, cell in enumerate(spec.cells):
-        cname = f"cell_{i}"
         width = cell.width
         pre_idx = []
-        for pre, old_index in (("pre0", cell.pre0_index), ("pre1", cell.pre1_index)):
-            base = (cname, pre)
-            idx = _keep(_get(masks, base + ("gate", "beta")), _get(arch, base + ("gate", "beta")))
+        for k, old_index in enumerate((cell.pre0_index, cell.pre1_index)):
+            base = names.pre_path(i, k)
+            gate = names.gate(base)
+            idx = _keep(_get(masks, gate), _get(arch, gate))
             old = list(range(width)) if old_index is None else list(old_index)
-            fr = "fr" in _get(trees["params"], base)
+            fr = names.FR in _get(trees["params"], base)
             if fr:
                 n1 = sum(1 for c in old if c < width // 2)
-                for conv, part in (("conv1", idx[idx < n1]), ("conv2", idx[idx >= n1] - n1)):
+                for conv, part in zip(names.FR_CONVS, (idx[idx < n1], idx[idx >= n1] - n1)):
                     if part.size:
-                        _take(trees, base, ("fr", conv, "kernel"), 3, part)
+                        _take(trees, base, (names.FR, conv, names.KERNEL), 3, part)
                     else:  # a half with no channel left is not built at all (ops.FactorizedReduce)
-                        _drop(trees, base + ("fr", conv))
-                for leaf in ("mean", "var", "scale", "bias"):
-                    _take(trees, base, ("fr", "bn", leaf), 0, idx)
+                        _drop(trees, base + (names.FR, conv))
+                for leaf in names.BN_LEAVES:
+                    _take(trees, base, (names.FR, names.BN, leaf), 0, idx)
             else:
-                _take(trees, base, ("conv", "kernel"), 3, idx)
-                for leaf in ("mean", "var", "scale", "bias"):
-                    _take(trees, base, ("bn", leaf), 0, idx)
-            _take(trees, base, ("gate", "beta"), 0, idx)
+                _take(trees, base, (names.CONV, names.KERNEL), 3, idx)
+                for leaf in names.BN_LEAVES:
+                    _take(trees, base, (names.BN, leaf), 0, idx)
+            _take(trees, gate, (), 0, idx)
             pre_idx.append(tuple(old[j] for j in idx))
         new_ops = []
         for o in cell.ops:
-            base = (cname, op_name(o))
             old = list(range(width)) if o.out_index is None else list(o.out_index)
-            if o.op.startswith("sep"):
-                i1 = _keep(_get(masks, base + ("sep", "unit1", "gate", "beta")), _get(arch, base + ("sep", "unit1", "gate", "beta")))
-                _shrink_unit(trees, base, "sep/unit1", i1, "sep/unit2", "sep/unit2")
-                i2 = _keep(_get(masks, base + ("sep", "unit2", "gate", "beta")), _get(arch, base + ("sep", "unit2", "gate", "beta")))
-                _shrink_unit(trees, base, "sep/unit2", i2, None, None)
-                o = dataclasses.replace(o, mid=int(i1.size), out_index=tuple(old[j] for j in i2))
-            elif o.op.startswith("dil"):
-                i2 = _keep(_get(masks, base + ("dil", "unit", "gate", "beta")), _get(arch, base + ("dil", "unit", "gate", "beta")))
-                _shrink_unit(trees, base, "dil/unit", i2, None, None)
-                o = dataclasses.replace(o, out_index=tuple(old[j] for j in i2))
+            units = tuple(names.op_path(i, o) + u for u in names.conv_units(o.op))
+            kept = []
+            for u, next_unit in zip(units, units[1:] + (None,)):
+                idx = _keep(_get(masks, names.gate(u)), _get(arch, names.gate(u)))
+                _shrink_unit(trees, u, idx, next_unit)
+                kept.append(idx)
+            if len(kept) == 2:  # sep_conv: inner and output channels
+                o = dataclasses.replace(o, mid=int(kept[0].size), out_index=tuple(old[j] for j in kept[1]))
+            elif kept:          # dil_conv: output channels
+                o = dataclasses.replace(o, out_index=tuple(old[j] for j in kept[0]))
             new_ops.append(o)
         new_cells.append(dataclasses.replace(cell, ops=tuple(new_ops), pre0_index=_full_none(pre_idx[0], width),
                                              pre1_index=_full_none(pre_idx[1], width)))
@@ -491,8 +474,8 @@ def drop_committed_off(spec: SuperNetSpec, trees: dict) -> tuple[SuperNetSpec, d
     cells = []
     for i, cell in enumerate(spec.cells):
         new_cell = dataclasses.replace(cell, ops=tuple(o for o in cell.ops if on[i][o.edge, o.op_index] > 0))
-        if f"cell_{i}" in trees["masks"]:
-            trees["masks"][f"cell_{i}"]["ops"] = active_matrix(new_cell)
+        if names.cell_name(i) in trees["masks"]:
+            trees["masks"][names.cell_name(i)][names.OPS_MASK] = active_matrix(new_cell)
         cells.append(new_cell)
     new_spec = dataclasses.replace(spec, cells=tuple(cells))
     return new_spec, {k: prune_tree(v, new_spec) for k, v in trees.items()}
@@ -502,8 +485,8 @@ def enable_ops(masks: dict, grown: list) -> dict:
     """Committed op mask 1 for regrown ops."""
     masks = to_numpy(masks)
     for i, o in grown:
-        if _has(masks, (f"cell_{i}", "ops")):
-            masks[f"cell_{i}"]["ops"][o.edge, o.op_index] = 1.0
+        if _has(masks, (names.cell_name(i), names.OPS_MASK)):
+            masks[names.cell_name(i)][names.OPS_MASK][o.edge, o.op_index] = 1.0
     return masks
 
 
@@ -528,17 +511,17 @@ def count_units(spec: SuperNetSpec, masks: dict) -> dict:
     """
     on = committed_ops(masks, spec)
     n_ops = int(sum(m.sum() for m in on))
-    off = {(f"cell_{i}", op_name(o)) for i, c in enumerate(spec.cells) for o in c.ops
+    off = {names.op_path(i, o) for i, c in enumerate(spec.cells) for o in c.ops
            if on[i][o.edge, o.op_index] == 0}
     filters = weights = filters_total = weights_total = 0
     for path, m in _walk(masks):
         if path[:2] in off:
             continue
         m = np.asarray(m)
-        if path[-2:] == ("gate", "beta"):
+        if names.is_filter_mask(path):
             filters += int(m.sum())
             filters_total += m.size
-        elif path[-1] == "kernel":
+        elif names.is_kernel(path):
             weights += int(m.sum())
             weights_total += m.size
     return dict(ops=n_ops, filters=filters, filters_total=filters_total, weights=weights, weights_total=weights_total)

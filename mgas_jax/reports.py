@@ -38,6 +38,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mgas_jax import genotype as genotype_lib
+from mgas_jax import names
 from mgas_jax import ops as ops_lib
 from mgas_jax import supernet, workdirs
 
@@ -117,12 +118,12 @@ def draw_cell(cell: genotype_lib.CellSpec, path: str, title: str = "") -> str:
     ax.set_aspect("equal")
     ax.axis("off")
     pre = [cell.width if idx is None else len(idx) for idx in (cell.pre0_index, cell.pre1_index)]
-    names = {0: f"c[k-2]\npre0 {pre[0]}", 1: f"c[k-1]\npre1 {pre[1]}", "out": f"c[k]\n{cell.multiplier}x{cell.width}"}
+    labels = {0: f"c[k-2]\npre0 {pre[0]}", 1: f"c[k-1]\npre1 {pre[1]}", "out": f"c[k]\n{cell.multiplier}x{cell.width}"}
     for j in range(cell.steps):
-        names[j + 2] = str(j)
+        labels[j + 2] = str(j)
     for state, (x, y) in pos.items():
         color = "#e8f0fe" if state in (0, 1) else "#fde9d9" if state == "out" else "#fff7cc"
-        ax.text(x, y, names[state], ha="center", va="center", fontsize=7, zorder=3,
+        ax.text(x, y, labels[state], ha="center", va="center", fontsize=7, zorder=3,
                 bbox=dict(boxstyle="round,pad=0.35", fc=color, ec="black", lw=0.8))
     edges: dict = {}
     ys = [p[1] for p in pos.values()]
@@ -197,7 +198,7 @@ def cell_sparsity(record: dict, masks: Mapping[str, np.ndarray]) -> list[dict]:
             elif o.op.startswith("dil_conv") or (o.op == "skip_connect" and c.reduction and o.src < 2):
                 kept += n_out
                 total += full
-        prefix = f"cell_{i}/"
+        prefix = names.cell_name(i) + "/"
         w_kept = sum(int(np.count_nonzero(m)) for p, m in masks.items() if p.startswith(prefix))
         w_total = sum(int(np.size(m)) for p, m in masks.items() if p.startswith(prefix))
         rows.append(dict(cell=i, reduction=bool(c.reduction), width=c.width, full_width=full,

@@ -89,8 +89,9 @@ def retrain_architecture(config, json_path: str, workdir: str, *, ds=None) -> di
     # Before any training: the network we are about to train must be the one that was exported.
     export.check_params(record, export.rebuilt_params(spec, record["input_shape"], masks), json_path)
     _copy_architecture(json_path, workdir)
-    logging.info("retraining %s (%d non-zero / %d dense params) in %s", json_path, record["params"]["nonzero"],
-                 record["params"]["dense"], workdir)
+    logging.info("retraining %s (%d non-zero / %d dense params) in %s, run hash %s", json_path,
+                 record["params"]["nonzero"], record["params"]["dense"], workdir,
+                 train.run_identity(config, spec, masks)[0])
 
     results = train.train_and_evaluate(config, workdir, spec=spec, masks=masks)
 

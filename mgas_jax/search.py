@@ -11,7 +11,7 @@ Read top to bottom, `search(config, workdir)` is the whole experiment (docs/meth
     final phase: commits (with shrinking) until no op can go or the size floor; each commit is recorded
     export: the first recorded architecture at or below each target size
 
-The jit-compiled step (search_step.py) is a pure function of (state, batch, key, lambda, flags); every decision between
+The jit-compiled step (search_step.py) is a pure function of (state, batch, key, lambda, group scales); every decision between
 steps (commits, lambda, regrowth, shrinking) is a host-side function of the replicated state
 (pruning.py). A checkpoint at the end of every epoch holds everything that determines the rest of
 the run, so an interrupted search resumes and ends with the same architecture.
@@ -19,29 +19,40 @@ the run, so an interrupted search resumes and ends with the same architecture.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import math
 import os
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from mgas_jax import checkpoint as ckpt_lib
 from mgas_jax import config as config_lib
 from mgas_jax import data as data_lib
 from mgas_jax import export as export_lib
-from mgas_jax import parallel, pruning, supernet
+from mgas_jax import loop, names, parallel, pruning, supernet
 from mgas_jax import search_step as step_lib
 from mgas_jax.search_step import SearchState
 from mgas_jax.genotype import cells_from_json, cells_to_json
 from mgas_jax.metrics import MetricWriter
 
 FINAL = 4  # the final phase, after the three stages
+
+# Salts folded into the run's PRNG keys, one per stream of draws. They only have to differ from each
+# other, but their values are part of every search: a resumed search must draw exactly the keys the
+# interrupted one would have drawn, so changing a value changes the results and breaks the exact
+# resume of existing workdirs. Never renumber them.
+SALT_START = 0                 # the first state of the search (stage 1's cells)
+SALT_COMMIT = 0                # + commits: the state after a commit (no op grows, so nothing is drawn)
+SALT_STAGE = 7919              # x stage: the init of a stage's new cells and head
+SALT_SHRINK = 10_000           # + commits: the state after a physical shrink
+SALT_REGROW_INIT = 20_000      # + stage: the state with the regrown ops
+SALT_REGROW_DRAW = 50_000      # + stage: which ops regrow, and their fresh masks
+STEP_KEY_STRIDE = 1_000_003    # epoch x this + batch: the step's key (a prime above any epoch's batch count)
+ARCH_BATCH_SALT = 1            # the bilevel variant's architecture step: fold_in(step key, this)
 
 
 @dataclasses.dataclass
@@ -68,7 +79,7 @@ class Progress:
     rollbacks: int = 0
 
 
-Preempted = ckpt_lib.Preempted  # raised after a SIGTERM once the search has checkpointed where it stood
+Preempted = ckpt_lib.Preempted  # raised after a SIGTERM or Ctrl-C once the search has checkpointed where it stood
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,14 +128,10 @@ class Searcher:
         self._steps: dict = {}
         self._eval_steps: dict = {}
         self._compiled: set = set()
-        self.stop_requested = False
+        self.stop = ckpt_lib.StopSignals()  # SIGTERM or Ctrl-C: checkpoint at the next step, then stop
         self.writer = None  # opened once the workdir is known to hold this run (see `search`)
         self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=self.cfg.keep_checkpoints)
-        # What determines a search: seed, data and the search section (not train.* or export.*, so that
-        # mode=all can change the retraining or the targets and still resume its search).
-        full = config_lib.semantic_dict(config)
-        self.semantic = {k: full[k] for k in ("seed", "data", "search") if k in full}
-        self.config_hash = hashlib.sha256(json.dumps(self.semantic, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+        self.config_hash, self.semantic = config_lib.run_identity(config, config_lib.SEARCH_SECTIONS)
 
     # -- structure ------------------------------------------------------------------------------
 
@@ -174,8 +181,10 @@ class Searcher:
 
     # -- one epoch ------------------------------------------------------------------------------
 
-    def run_epoch(self, spec, state: SearchState, progress: Progress, flags) -> tuple[SearchState, dict]:
-        """One epoch (or the rest of one, after a mid-epoch preemption checkpoint)."""
+    def run_epoch(self, spec, state: SearchState, progress: Progress,
+                  scales: step_lib.GroupScales) -> tuple[SearchState, dict]:
+        """One epoch (or the rest of one, after a mid-epoch preemption checkpoint): the mean of each
+        metric, and 'finite' False when a step's loss or gradient was not finite (the epoch is cut)."""
         cfg = self.cfg
         step = self.step_fn(spec)
         split = self.ds.train
@@ -186,55 +195,42 @@ class Searcher:
             raise ValueError(f"search.batch_size = {cfg.batch_size} is larger than the training split "
                              f"({split.num_examples} examples); lower search.batch_size")
         start = progress.batch_in_epoch
-        batches = itertools.islice(split.batches(cfg.batch_size, epoch=progress.epoch, seed=self.config.seed,
-                                                 shuffle=True, drop_remainder=True), start, n)
-        bilevel = cfg.bilevel and flags[1] > 0
-        if bilevel:
-            arch_batches = itertools.islice(self._cycle(self.ds.val, progress.epoch), start, None)
         lam = jnp.float32(progress.lam)
-        totals = None if progress.partial is None else {k: jnp.float32(v) for k, v in progress.partial.items()}
-        bar = _progress_bar(n, f"stage {_stage_name(progress.stage)} {progress.phase} epoch {progress.epoch}",
-                            self.config.search.progress)
-        bar.update(start)
-        first = spec not in self._compiled
-        t0 = time.time()
-        for i, batch in enumerate(batches, start):
-            key = jax.random.fold_in(self.base_key, int(progress.epoch) * 1_000_003 + i)
-            if bilevel:
-                # first-order bilevel (DARTS style): architecture on a held-out batch, then the weights
-                a_flags = jnp.asarray([0.0] + list(flags[1:]), jnp.float32)
-                state, _ = step(state, parallel.shard_batch(next(arch_batches), self.mesh),
-                                jax.random.fold_in(key, 1), lam, a_flags)
-                w_flags = jnp.asarray([flags[0], 0, 0, 0, 0], jnp.float32)
-                state, m = step(state, parallel.shard_batch(batch, self.mesh), key, lam, w_flags)
-            else:
-                state, m = step(state, parallel.shard_batch(batch, self.mesh), key, lam,
-                                jnp.asarray(flags, jnp.float32))
-            if first:
-                jax.block_until_ready(m)
-                self._compiled.add(spec)
-                progress.compiles += 1
-                progress.compile_seconds += time.time() - t0
-                first = False
-            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
-            bar.update(1)
-            if self.stop_requested:
-                # preemption: checkpoint the exact position inside the epoch, then leave
-                progress.batch_in_epoch = i + 1
-                progress.partial = {k: float(v) for k, v in jax.device_get(totals).items()}
-                if progress.partial["finite"] != i + 1:
-                    raise FloatingPointError(f"non-finite loss or gradient in search epoch {progress.epoch}; "
-                                             f"SIGTERM received, and nothing was saved from this epoch")
-                self.save(state, progress)
-                bar.close()
-                raise Preempted(f"SIGTERM: the search stopped at epoch {progress.epoch}, batch {i + 1} of {n}, "
-                                f"and checkpointed there in {self.ckpt.directory}; run the same command again "
-                                f"to resume")
-        bar.close()
-        stats = {k: float(v) / n for k, v in jax.device_get(totals).items()}
+        bilevel = cfg.bilevel and scales.alpha > 0
+        # first-order bilevel (DARTS style): architecture on a held-out batch, then the weights
+        arch_scales, weight_scales = scales._replace(weights=0.0), step_lib.GroupScales.weights_only(scales.weights)
+        arch_batches = itertools.islice(self._cycle(self.ds.val, progress.epoch), start, None) if bilevel else None
+
+        def one_step(state, i, batch):
+            key = jax.random.fold_in(self.base_key, int(progress.epoch) * STEP_KEY_STRIDE + i)
+            if not bilevel:
+                return step(state, parallel.shard_batch(batch, self.mesh), key, lam, scales.asarrays())
+            state, _ = step(state, parallel.shard_batch(next(arch_batches), self.mesh),
+                            jax.random.fold_in(key, ARCH_BATCH_SALT), lam, arch_scales.asarrays())
+            return step(state, parallel.shard_batch(batch, self.mesh), key, lam, weight_scales.asarrays())
+
+        def save(state, end, metrics):
+            progress.batch_in_epoch, progress.partial = end, _sums(progress.partial, metrics)
+            self.save(state, progress)
+            return self.ckpt.directory
+
+        def compiled(seconds):
+            self._compiled.add(spec)
+            progress.compiles += 1
+            progress.compile_seconds += seconds
+
+        run = loop.run_epoch(
+            state, one_step, split.batches(cfg.batch_size, epoch=progress.epoch, seed=self.config.seed, shuffle=True,
+                                           drop_remainder=True),
+            start=start, total=n, stop=self.stop, save=save, where=f"the search stopped at epoch {progress.epoch}",
+            desc=f"stage {_stage_name(progress.stage)} {progress.phase} epoch {progress.epoch}", show=cfg.progress,
+            on_compiled=None if spec in self._compiled else compiled)
+        if run.bad is not None:
+            return run.state, {"finite": False}
+        stats = {k: float(v) / n for k, v in _sums(progress.partial, run.metrics).items()}
         stats["finite"] = stats["finite"] == 1.0
         progress.batch_in_epoch, progress.partial = 0, None
-        return state, stats
+        return run.state, stats
 
     def _cycle(self, split, epoch: int):
         """The held-out split's batches, epoch after epoch (the bilevel variant's architecture data)."""
@@ -289,7 +285,7 @@ def _restore_or_start(s: Searcher, all_cells) -> tuple[SearchState, Progress]:
     if restored is not None:
         return restored
     progress = Progress(cells=cells_to_json(all_cells[:built_cells(s.cfg.layers, 1)]))
-    return parallel.replicate(s.fresh_state(s.spec_of(progress), 0), s.mesh), progress
+    return parallel.replicate(s.fresh_state(s.spec_of(progress), SALT_START), s.mesh), progress
 
 
 def _non_finite(s: Searcher, progress: Progress, all_cells) -> tuple[SearchState, Progress]:
@@ -322,9 +318,15 @@ def _stage_name(stage: int) -> str:
     return "final" if stage == FINAL else str(stage)
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
-    import tqdm
-    return tqdm.tqdm(total=total, desc=desc, leave=False, disable=not enabled or jax.process_index() != 0)
+def _sums(partial: Optional[dict], metrics: list) -> Optional[dict]:
+    """The sums of an epoch's step metrics so far: `partial` (those of a preemption checkpoint) plus
+    `metrics`, added one by one in float32, as the device would (the same sums whether or not the
+    epoch was interrupted)."""
+    totals = None if partial is None else {k: np.float32(v) for k, v in partial.items()}
+    for m in metrics:
+        totals = {k: np.float32(v) for k, v in m.items()} if totals is None else \
+            {k: np.float32(totals[k] + np.float32(m[k])) for k in totals}
+    return None if totals is None else {k: float(v) for k, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,16 +349,14 @@ def search(config, workdir: str) -> dict:
     if resumed:
         s.writer.truncate_after(progress.epoch)  # lines of the interrupted epoch are written again
 
-    with _sigterm_checkpoint(s):
+    with s.stop:
         while progress.phase != "done":
             spec = s.spec_of(progress)
             if progress.phase == "start":
                 state, progress = start_stage(s, state, progress, all_cells)
                 continue
-            # A flag scales its group's update, and SGD's update is linear in the learning rate.
-            flags = [1.0, 0.0, 0.0, 0.0, 0.0] if progress.phase == "warmup" else [1.0] * 5
-            flags = [f * progress.lr_scale for f in flags]
-            state, stats = s.run_epoch(spec, state, progress, flags)
+            scales = step_lib.GroupScales.weights_only() if progress.phase == "warmup" else step_lib.GroupScales()
+            state, stats = s.run_epoch(spec, state, progress, scales.times(progress.lr_scale))
             if not stats["finite"]:
                 state, progress = _non_finite(s, progress, all_cells)
                 continue
@@ -384,7 +384,7 @@ def start_stage(s: Searcher, state: SearchState, progress: Progress, all_cells) 
     progress.cells = cells_to_json(tuple(cells))
     spec = s.spec_of(progress)
     arch = pruning.reset_thresholds(jax.device_get(state.arch))
-    state = s.rebuild(spec, state, salt=progress.stage * 7919, new_optimizer=True, grows=True,
+    state = s.rebuild(spec, state, salt=progress.stage * SALT_STAGE, new_optimizer=True, grows=True,
                       overrides={"arch": arch})
     lam = pruning.lambda_start(cfg.lambda0)
     progress.lam, progress.lam_d = lam.lam, lam.d
@@ -464,7 +464,7 @@ def commit_round(s: Searcher, spec, state: SearchState, progress: Progress, stat
     progress.cells = cells_to_json(r.spec.cells)
     new_spec = s.spec_of(progress)
     overrides = {"arch": r.arch, "masks": r.masks}
-    state = s.rebuild(new_spec, state, salt=progress.commits, new_optimizer=False, grows=False, overrides=overrides)
+    state = s.rebuild(new_spec, state, salt=SALT_COMMIT + progress.commits, new_optimizer=False, grows=False, overrides=overrides)
     units = pruning.count_units(new_spec, r.masks)
     _log(progress, f"commit {progress.commits} (epoch {progress.epoch}): -{pruned} ops, -{r.filters_off} filters, "
                    f"-{r.weights_off} weights; now {units['ops']} ops, {units['filters']} filters, "
@@ -486,7 +486,7 @@ def shrink_now(s: Searcher, state: SearchState, progress: Progress):
     if new_spec == spec:
         return state, progress
     progress.cells = cells_to_json(new_spec.cells)
-    state = s.rebuild(s.spec_of(progress), state, salt=10_000 + progress.commits, new_optimizer=False,
+    state = s.rebuild(s.spec_of(progress), state, salt=SALT_SHRINK + progress.commits, new_optimizer=False,
                       grows=False, overrides=trees)
     return state, progress
 
@@ -497,11 +497,11 @@ def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
     spec = s.spec_of(progress)
     count = int(math.floor(cfg.regrow_fraction * progress.pruned_in_stage))
     arch = jax.device_get(state.arch)
-    alpha = [arch[f"cell_{i}"]["alpha"] for i in range(len(spec.cells))]
+    alpha = [arch[names.cell_name(i)]["alpha"] for i in range(len(spec.cells))]
     masks = jax.device_get(state.masks)
-    active = [supernet.active_matrix(c) * masks[f"cell_{i}"]["ops"] for i, c in enumerate(spec.cells)]
+    active = [supernet.active_matrix(c) * masks[names.cell_name(i)][names.OPS_MASK] for i, c in enumerate(spec.cells)]
     probs = pruning.regrowth_probabilities(alpha, step_lib.arch_momentum(jax.device_get(state.opt_state), spec), active)
-    key = jax.random.fold_in(jax.random.key(s.config.seed), 50_000 + progress.stage)
+    key = jax.random.fold_in(jax.random.key(s.config.seed), SALT_REGROW_DRAW + progress.stage)
     draws = pruning.sample_regrowth(jax.random.fold_in(key, 0), probs, count)
     new_spec, grown = pruning.regrow(spec, jax.random.fold_in(key, 1), draws)
     _log(progress, f"stage {progress.stage} regrowth: {len(grown)} of {count} drawn ops regrown")
@@ -510,7 +510,7 @@ def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
         arch = pruning.reset_regrown(arch, grown)
         masks = pruning.enable_ops(jax.device_get(state.masks), grown)
         # regrown ops left every tree at their stage's end, so they start fresh here
-        state = s.rebuild(s.spec_of(progress), state, salt=20_000 + progress.stage, new_optimizer=False,
+        state = s.rebuild(s.spec_of(progress), state, salt=SALT_REGROW_INIT + progress.stage, new_optimizer=False,
                           grows=True, overrides={"arch": arch, "masks": masks})
     return state, progress
 
@@ -535,21 +535,3 @@ def _log(progress: Progress, line: str) -> None:
     logging.info("%s", line)
     if jax.process_index() == 0:
         print(line, flush=True)
-
-
-class _sigterm_checkpoint(ckpt_lib.SigtermFlag):
-    """SIGTERM sets `searcher.stop_requested`: the epoch loop checkpoints the exact position (epoch,
-    batch, partial metric sums) and raises `Preempted`; the next run resumes at the following batch."""
-
-    def __init__(self, searcher: Searcher):
-        super().__init__()
-        self.searcher = searcher
-
-    def _handle(self, signum, frame):
-        super()._handle(signum, frame)
-        self.searcher.stop_requested = True
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        self.searcher.ckpt.wait()
-        return False

@@ -1,6 +1,6 @@
 """The pure, jit-compiled search step: its state, the optimizer groups, the loss and both step forms.
 
-`make_step(spec, tx, ...)` returns `(state, batch, key, lam, flags) -> (state, metrics)`, one XLA
+`make_step(spec, tx, ...)` returns `(state, batch, key, lam, scales) -> (state, metrics)`, one XLA
 program or a chain of per-cell (per-edge) programs with the same values; `make_eval_step` the
 evaluation of a structure. Nothing here decides anything between steps: the stages, commits and
 regrowth around it are search.py's (docs/method.md sections 3-5).
@@ -8,7 +8,7 @@ regrowth around it are search.py's (docs/method.md sections 3-5).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from mgas_jax import data as data_lib
-from mgas_jax import gates, losses, supernet
+from mgas_jax import gates, losses, names, supernet
 from mgas_jax import programs as programs_lib
 
 
@@ -54,26 +54,75 @@ def param_labels(trainable: dict) -> dict:
     return jax.tree_util.tree_map_with_path(label, trainable)
 
 
-GROUPS = ("weights", "alpha", "beta", "threshold", "weight_threshold")
+class GroupScales(NamedTuple):
+    """The factor of each parameter group's update in one step (mgas-method.md section 4).
+
+    0 freezes a group: its parameters and optimizer state stay bit for bit (warm-up trains the weights
+    only; the bilevel variant alternates). 1 trains it; a factor below 1 lowers its learning rate
+    (SGD's update is linear in it: search.nan_policy=rollback). The step takes the factors as traced
+    float32 scalars (`asarrays`), so switching groups between steps never recompiles.
+    """
+    weights: Any = 1.0
+    alpha: Any = 1.0
+    beta: Any = 1.0
+    threshold: Any = 1.0
+    weight_threshold: Any = 1.0
+
+    @classmethod
+    def weights_only(cls, scale: float = 1.0) -> "GroupScales":
+        return cls(weights=scale, alpha=0.0, beta=0.0, threshold=0.0, weight_threshold=0.0)
+
+    def times(self, factor: float) -> "GroupScales":
+        return GroupScales(*(s * factor for s in self))
+
+    def asarrays(self) -> "GroupScales":
+        return GroupScales(*(jnp.float32(s) for s in self))
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    """SGD with momentum for every group; clip and weight decay in the weights' chain only."""
+def scaled_by_group(inner: optax.GradientTransformation, group: str) -> optax.GradientTransformationExtraArgs:
+    """`inner`, with its updates multiplied by the group's factor, given at update time.
+
+    update(updates, state, params, *, scales) -> (inner's updates x scales.<group>, inner's new state
+    where that factor is > 0, else `state` as it was). `scales` is a GroupScales (any object with an
+    attribute per group); the state is inner's own, so the optimizer state keeps its structure.
+
+    Why not `optax.masked(optax.set_to_zero(), mask)`: its mask is static, and the search switches
+    groups on and off between steps of one compiled program, so the factor is a traced scalar.
+    """
+    def update(updates, state, params=None, *, scales, **extra_args):
+        del extra_args
+        scale = getattr(scales, group)
+        new_updates, new_state = inner.update(updates, state, params)
+        new_updates = jax.tree.map(lambda u: u * scale, new_updates)
+        new_state = jax.tree.map(lambda new, old: jnp.where(scale > 0, new, old), new_state, state)
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformationExtraArgs:
+    """SGD with momentum for every group; clip and weight decay in the weights' chain only.
+
+    update(grads, state, params, scales=GroupScales(...)): each group's update times its factor.
+    """
     sgd = lambda lr: optax.sgd(lr, momentum=cfg.momentum)
-    return optax.partition({
+    groups = {
         "weights": optax.chain(losses.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
                                optax.add_decayed_weights(cfg.weight_decay), sgd(cfg.lr)),
         "alpha": sgd(cfg.alpha_lr),
         "beta": sgd(cfg.beta_lr),
         "threshold": sgd(cfg.threshold_lr),
         "weight_threshold": sgd(cfg.weight_threshold_lr),
-    }, param_labels)
+    }
+    return optax.partition({g: scaled_by_group(tx, g) for g, tx in groups.items()}, param_labels)
 
 
 def arch_momentum(opt_state, spec: supernet.SuperNetSpec) -> list:
-    """Per cell, the SGD momentum of alpha (used by the regrowth importance)."""
-    trace = opt_state.inner_states["alpha"].inner_state[0].trace
-    return [np.asarray(trace["arch"][f"cell_{i}"]["alpha"]) for i in range(len(spec.cells))]
+    """Per cell, the SGD momentum of alpha (used by the regrowth importance): the `trace` of the
+    alpha group's optimizer state."""
+    in_alpha_group = lambda path, _: any(getattr(k, "key", None) == "alpha" for k in path)
+    trace = optax.tree_utils.tree_get(opt_state, "trace", filtering=in_alpha_group)
+    return [np.asarray(trace["arch"][names.cell_name(i)]["alpha"]) for i in range(len(spec.cells))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,8 +132,8 @@ def regularizers(arch: dict, masks: dict, spec: supernet.SuperNetSpec) -> tuple[
     """(R_op, R_thr) over the committed ops of the built cells (docs/method.md section 3)."""
     r_op = r_thr = jnp.float32(0.0)
     for i, cell in enumerate(spec.cells):
-        a = arch[f"cell_{i}"]
-        committed = masks[f"cell_{i}"]["ops"]
+        a = arch[names.cell_name(i)]
+        committed = masks[names.cell_name(i)][names.OPS_MASK]
         active = supernet.active_matrix(cell) * committed
         conv = supernet.conv_matrix(cell) * committed
         r_op += losses.op_sparsity(a["alpha"], active, gates.edge_nodes(cell.steps))
@@ -116,18 +165,12 @@ def _loss_metrics(ce, r_op, r_thr, lam, accuracy) -> dict:
     return dict(loss=ce + lam * (r_op + r_thr), ce=ce, r_op=r_op, r_thr=r_thr, reg=lam * r_op, accuracy=accuracy)
 
 
-def _apply_grads(tx, state: SearchState, grads, batch_stats, metrics: dict, flags) -> tuple[SearchState, dict]:
-    """The update half of a search step: optimizer update of the flagged groups, non-finite flag."""
+def _apply_grads(tx, state: SearchState, grads, batch_stats, metrics: dict,
+                 scales: GroupScales) -> tuple[SearchState, dict]:
+    """The update half of a search step: each group's update times its factor, non-finite flag."""
     trainable = {"params": state.params, "arch": state.arch}
     finite = losses.all_finite(grads)
-    labels = param_labels(trainable)
-    flag = {g: flags[i] for i, g in enumerate(GROUPS)}
-    updates, new_opt = tx.update(grads, state.opt_state, trainable)
-    updates = jax.tree.map(lambda u, l: u * flag[l], updates, labels)
-    new_inner = {g: jax.tree.map(lambda n, o, f=flag[g]: jnp.where(f > 0, n, o),
-                                 new_opt.inner_states[g], state.opt_state.inner_states[g])
-                 for g in GROUPS}
-    new_opt = new_opt._replace(inner_states=new_inner)
+    updates, new_opt = tx.update(grads, state.opt_state, trainable, scales=scales)
     trainable = optax.apply_updates(trainable, updates)
     metrics = dict(metrics, finite=(finite & jnp.isfinite(metrics["loss"])).astype(jnp.float32))
     new = state.replace(step=state.step + 1, params=trainable["params"], arch=trainable["arch"],
@@ -137,10 +180,10 @@ def _apply_grads(tx, state: SearchState, grads, batch_stats, metrics: dict, flag
 
 def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std,
               programs: str = "step"):
-    """The pure search step for one structure: (state, batch, key, lam, flags) -> (state, metrics).
+    """The pure search step for one structure: (state, batch, key, lam, scales) -> (state, metrics).
 
-    `flags` (5,) float: 1 = update this group (GROUPS order), 0 = keep it (warm-up trains the weights
-    only; the bilevel variant alternates). A frozen group keeps its parameters and optimizer state.
+    `scales`: GroupScales of float32 scalars, each group's update factor (0 freezes the group: its
+    parameters and optimizer state are kept).
 
     `programs`: 'step' compiles the whole step as one XLA program; 'cell' and 'edge' run it as a
     chain of programs (`make_cell_step`), one forward and one backward per cell ('cell') or per part
@@ -155,12 +198,12 @@ def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, dat
                          "or 'edge' (per edge)")
     loss_fn = make_loss(spec)
 
-    def step(state: SearchState, batch, key, lam, flags):
+    def step(state: SearchState, batch, key, lam, scales: GroupScales):
         images = data_lib.augment.augment_batch(key, batch["image"], data_cfg, mean, std, train=True)
         trainable = {"params": state.params, "arch": state.arch}
         grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
             trainable, state.batch_stats, state.masks, images, batch["label"], lam)
-        return _apply_grads(tx, state, grads, batch_stats, metrics, flags)
+        return _apply_grads(tx, state, grads, batch_stats, metrics, scales)
 
     return jax.jit(step, donate_argnums=0)
 
@@ -191,7 +234,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
     (edge's) activations (benchmarks/README.md, sections 7 and 8).
     """
     n = len(spec.cells)
-    names = [f"cell_{i}" for i in range(n)]
+    cell_names = [names.cell_name(i) for i in range(n)]
     if programs == "edge":
         cells = [programs_lib.edge_programs(spec, i, spec.remat) for i in range(n)]
     else:
@@ -221,7 +264,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         return value, jnp.mean(jnp.argmax(logits, -1) == labels), stats, grads
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def update(state, grads, batch_stats, ce, accuracy, lam, flags):
+    def update(state, grads, batch_stats, ce, accuracy, lam, scales):
         # the penalty's gradient (the cells' backward programs gave the cross-entropy's)
         def penalty(arch):
             r_op, r_thr = regularizers(arch, state.masks, spec)
@@ -229,14 +272,14 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         (_, (r_op, r_thr)), reg_grads = jax.value_and_grad(penalty, has_aux=True)(state.arch)
         grads = dict(grads, arch=jax.tree.map(jnp.add, grads["arch"], reg_grads))
         metrics = _loss_metrics(ce, r_op, r_thr, lam, accuracy)
-        return _apply_grads(tx, state, grads, batch_stats, metrics, flags)
+        return _apply_grads(tx, state, grads, batch_stats, metrics, scales)
 
-    def step(state: SearchState, batch, key, lam, flags):
+    def step(state: SearchState, batch, key, lam, scales: GroupScales):
         params, bs = state.params, state.batch_stats
         x, stem_vjp, stem_stats = stem_forward(_pick(params, stem_names), _pick(bs, stem_names),
                                                batch["image"], key)
         outs, residuals, stats = [x, x], [], dict(stem_stats)
-        for i, name in enumerate(names):
+        for i, name in enumerate(cell_names):
             variables = {"batch_stats": bs[name], "masks": state.masks[name]}
             out, res, stats[name] = cells[i][0](variables, params[name], state.arch[name], outs[i], outs[i + 1])
             outs.append(out)
@@ -249,13 +292,13 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         g_outs[-1] = g_out
         del outs
         for i in reversed(range(n)):
-            g_params[names[i]], g_arch[names[i]], g0, g1 = cells[i][1](residuals[i], g_outs[i + 2])
+            g_params[cell_names[i]], g_arch[cell_names[i]], g0, g1 = cells[i][1](residuals[i], g_outs[i + 2])
             residuals[i] = g_outs[i + 2] = None   # free the cell's residuals as soon as they are used
             g_outs[i] = programs_lib.accumulate(g_outs[i], g0)
             g_outs[i + 1] = programs_lib.accumulate(g_outs[i + 1], g1)
         (g_stem,) = stem_backward(stem_vjp, g_outs[0] + g_outs[1])
         g_params.update(g_stem)
-        return update(state, {"params": g_params, "arch": g_arch}, stats, ce, accuracy, lam, flags)
+        return update(state, {"params": g_params, "arch": g_arch}, stats, ce, accuracy, lam, scales)
 
     return step
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgas_jax import gates, ops
+from mgas_jax import gates, names, ops
 from mgas_jax.genotype import CellSpec, OpSpec, num_edges
 
 NUM_OPS = len(ops.OPS)
@@ -95,9 +95,7 @@ def conv_matrix(cell: CellSpec) -> np.ndarray:
     return m
 
 
-def op_name(o: OpSpec) -> str:
-    """Submodule name of an op; the evaluation network uses the same names, so masks carry over."""
-    return f"op_{o.node}_{o.src}_{o.op}"
+op_name = names.op_name  # the evaluation network uses the same names, so masks carry over
 
 
 def preprocess(cell: CellSpec, reduction_prev: bool, k: int, filter_level: bool, dtype: Optional[str],
@@ -128,11 +126,11 @@ class SuperCell(nn.Module):
         t_pre = self.variable("arch", "t_pre", jnp.zeros, (2,), jnp.float32).value
         # committed op mask: ops committed off inside a stage stay built (no recompilation) but gated
         # to 0; at stage ends and final-phase commits they leave the spec and are not built at all
-        committed = self.variable("masks", "ops", lambda: jnp.asarray(active_matrix(cell))).value
+        committed = self.variable("masks", names.OPS_MASK, lambda: jnp.asarray(active_matrix(cell))).value
         g, _ = gates.op_gate(alpha, t_op, committed * active_matrix(cell), gates.edge_nodes(cell.steps))
         fl = self.filter_level
-        s0 = preprocess(cell, self.reduction_prev, 0, fl, self.dtype, name="pre0")(s0, train, t_pre[0])
-        s1 = preprocess(cell, self.reduction_prev, 1, fl, self.dtype, name="pre1")(s1, train, t_pre[1])
+        s0 = preprocess(cell, self.reduction_prev, 0, fl, self.dtype, name=names.PRE[0])(s0, train, t_pre[0])
+        s1 = preprocess(cell, self.reduction_prev, 1, fl, self.dtype, name=names.PRE[1])(s1, train, t_pre[1])
         states = [s0, s1]
         for node in range(cell.steps):
             acc = None
@@ -273,7 +271,7 @@ class SuperNet(nn.Module):
         cell_cls = nn.remat(SuperCell, static_argnums=(3,)) if spec.remat else SuperCell
         s0 = s1 = x
         for i in range(len(spec.cells)):
-            s0, s1 = s1, cell_cls(*_cell_fields(spec, i), name=f"cell_{i}")(s0, s1, train)
+            s0, s1 = s1, cell_cls(*_cell_fields(spec, i), name=names.cell_name(i))(s0, s1, train)
         return _head(s1, spec, train)
 
 

@@ -14,7 +14,7 @@ Everything is jit-compiled over a 1-D device mesh (parallel.py): batches split o
 replicated. Images arrive as uint8 and are augmented on device inside the step.
 
 Resuming: an orbax checkpoint, numbered by optimizer step, is written after every epoch, and on
-SIGTERM at the next step (then the run exits with `checkpoint.Preempted`). Running the same command
+SIGTERM or Ctrl-C at the next step (then the run exits with `checkpoint.Preempted`). Running the same command
 again on the same workdir restores the latest one and continues at the batch after it; because the
 data order is a pure function of (seed, epoch) and every PRNG key is fold_in(key, step), the resumed
 run ends with the same numbers as an uninterrupted one. A workdir holding checkpoints of another
@@ -29,9 +29,9 @@ Outputs in workdir: metrics.jsonl, tb/ (TensorBoard), checkpoints/, results.json
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import itertools
 import json
 import os
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -42,14 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from absl import logging
 from flax import traverse_util
 
 from mgas_jax import checkpoint as checkpoint_lib
 from mgas_jax import config as config_lib
 from mgas_jax import data as data_lib
-from mgas_jax import losses, metrics, network, parallel
+from mgas_jax import losses, loop, metrics, names, network, parallel
 
 # Called after each finished epoch (after its checkpoint is saved): fn(epoch, state), epoch 1-based.
 EpochHook = Callable[[int, "TrainState"], None]
@@ -123,20 +122,16 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 def apply_masks(tree: Any, masks: Any) -> Any:
     """Multiplies the leaves of `tree` (params-shaped) by the mask at the same path, where there is one.
 
+    A jax.tree.map over `tree` and its masks aligned to it (`names.masks_like`: Flax keeps each weight
+    mask at its kernel's path in the `masks` collection).
+
     Args:
       tree: params, gradients or updates (nested dicts of arrays).
       masks: the `masks` collection; entries without a matching leaf in `tree` are ignored.
     Returns:
       tree with every masked leaf multiplied by its 0/1 mask.
     """
-    if not masks:
-        return tree
-    flat_masks = traverse_util.flatten_dict(masks)
-    flat = traverse_util.flatten_dict(tree)
-    for path, mask in flat_masks.items():
-        if path in flat:
-            flat[path] = flat[path] * mask.astype(flat[path].dtype)
-    return traverse_util.unflatten_dict(flat)
+    return names.apply(tree, masks)
 
 
 def _check_masks(given: Any, expected: Any) -> None:
@@ -327,24 +322,18 @@ def _digest(tree: Any) -> str:
     return h.hexdigest()[:16]
 
 
-TRAIN_SECTIONS = ("seed", "data", "model", "train")  # what train_and_evaluate reads from the config
-
-
 def run_identity(config, spec: Optional[network.NetworkSpec], masks: Any) -> tuple[str, dict]:
-    """(hash, semantic dict) that identify the run for the same-run check of a resumed workdir.
+    """(hash, identity) of a training run for the same-run check of a resumed workdir (config.run_identity).
 
-    The sections training reads (TRAIN_SECTIONS), without their non-semantic keys: a changed search
-    knob does not invalidate a training workdir. An explicit spec or masks (retraining) are part of
-    the run, so their digests join the dict.
+    The sections training reads (config.TRAIN_SECTIONS): a changed search knob does not invalidate a
+    training workdir. An explicit spec or masks (retraining) are part of the run, so their digests join.
     """
-    semantic = config_lib.semantic_dict(config)
-    identity = {k: semantic[k] for k in TRAIN_SECTIONS if k in semantic}
+    digests = {}
     if spec is not None:
-        identity["_spec"] = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
+        digests["spec"] = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
     if masks is not None:
-        identity["_masks"] = _digest(masks)
-    text = json.dumps(identity, sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()[:16], identity
+        digests["masks"] = _digest(masks)
+    return config_lib.run_identity(config, config_lib.TRAIN_SECTIONS, **digests)
 
 
 def _json_default(x):
@@ -393,6 +382,58 @@ def _non_finite(config, ckpt: checkpoint_lib.Checkpointer, state: TrainState, po
         f"To go on: {fix} and run the same command again, which resumes from the last checkpoint.")
 
 
+def _write_json(path: str, obj: dict, chief: bool) -> None:
+    if chief:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+
+
+def _check_workdir(ckpt: checkpoint_lib.Checkpointer, run_hash: str, identity: dict, workdir: str) -> None:
+    latest = ckpt.latest_step()
+    if latest is not None:
+        checkpoint_lib.check_same_run(ckpt.meta(latest), run_hash, identity, workdir)
+
+
+def _spec_for(config, spec: Optional[network.NetworkSpec], ds) -> network.NetworkSpec:
+    if spec is None:
+        return spec_from_config(config, ds.num_classes)
+    if spec.num_classes != ds.num_classes:
+        raise ValueError(f"spec.num_classes = {spec.num_classes} but data set {config.data.name!r} has "
+                         f"{ds.num_classes} classes")
+    return spec
+
+
+def _steps_per_epoch(t, split) -> int:
+    n = split.steps_per_epoch(t.batch_size, drop_remainder=True)
+    if t.steps_per_epoch:
+        n = min(n, t.steps_per_epoch)
+    if n == 0:
+        raise ValueError(f"{split.name} has {split.num_examples} examples, fewer than one batch of "
+                         f"train.batch_size = {t.batch_size}; lower the batch size")
+    return n
+
+
+def _resume(ckpt: checkpoint_lib.Checkpointer, state: TrainState, writer) -> tuple[TrainState, dict]:
+    """The latest checkpoint's state and loop position (epoch, batches of it done, learning-rate scale,
+    rollbacks so far), or `state` at the start."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return state, dict(epoch=0, batch=0, lr_scale=1.0, rollbacks=0)
+    state, pos = _restore(ckpt, latest, state)
+    writer.truncate_after(int(state.step))  # lines logged after the checkpoint are logged again
+    logging.info("resumed from %s at epoch %d, batch %d (step %d)", ckpt.directory, pos["epoch"], pos["batch"],
+                 int(state.step))
+    return state, pos
+
+
+def _log_window(writer, state: TrainState, epoch: int, rate, window: list) -> dict:
+    """Writes the mean of a window of step metrics; returns the progress bar's postfix."""
+    mean = {k: float(np.mean([m[k] for m in window])) for k in window[0] if k != "finite"}
+    mean["drop_path"] = float(rate)
+    writer.write(int(state.step), epoch, "train", mean)
+    return dict(loss=f"{mean['loss']:.3f}", top1=f"{mean['top1']:.3f}")
+
+
 @config_lib.validates
 def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSpec] = None,
                        masks: Any = None, epoch_hooks: Iterable[EpochHook] = ()) -> dict:
@@ -413,131 +454,71 @@ def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSp
     os.makedirs(workdir, exist_ok=True)
     chief = jax.process_index() == 0
     t = config.train
-
-    # The same-run check comes first: a wrong workdir should fail before data loading and compilation.
     run_hash, identity = run_identity(config, spec, masks)
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints)
-    writer = None
-    try:
-        latest = ckpt.latest_step()
-        if latest is not None:
-            checkpoint_lib.check_same_run(ckpt.meta(latest), run_hash, identity, workdir)
-
+    # closed in reverse order on the way out: an interrupted run still finishes writing its last checkpoint
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(contextlib.closing(
+            checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints)))
+        _check_workdir(ckpt, run_hash, identity, workdir)  # before data loading and compilation
         ds = data_lib.load(config.data, process_index=jax.process_index(), process_count=jax.process_count())
-        if spec is None:
-            spec = spec_from_config(config, ds.num_classes)
-        elif spec.num_classes != ds.num_classes:
-            raise ValueError(f"spec.num_classes = {spec.num_classes} but data set {config.data.name!r} has "
-                             f"{ds.num_classes} classes")
+        spec = _spec_for(config, spec, ds)
         mesh = parallel.make_mesh()
-        steps_per_epoch = ds.train.steps_per_epoch(t.batch_size, drop_remainder=True)
-        if t.steps_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, t.steps_per_epoch)
-        if steps_per_epoch == 0:
-            raise ValueError(f"{ds.train.name} has {ds.train.num_examples} examples, fewer than one batch of "
-                             f"train.batch_size = {t.batch_size}; lower the batch size")
-
-        schedule = learning_rate_schedule(config, steps_per_epoch)
-        tx = make_optimizer(config, steps_per_epoch)
-
-        def initial_state():
-            return create_train_state(config, spec, jax.random.key(config.seed), ds.image_shape, tx=tx,
-                                      masks=masks, mesh=mesh)
-
-        state = initial_state()
+        steps_per_epoch = _steps_per_epoch(t, ds.train)
+        schedule, tx = learning_rate_schedule(config, steps_per_epoch), make_optimizer(config, steps_per_epoch)
+        initial_state = functools.partial(create_train_state, config, spec, jax.random.key(config.seed),
+                                          ds.image_shape, tx=tx, masks=masks, mesh=mesh)
         model = network.Network(spec)
         p_train_step = make_train_step(config, model, tx, schedule, ds.mean, ds.std, mesh)
         p_eval_step = make_eval_step(model, ds.mean, ds.std, mesh)
+        evaluate_on = functools.partial(evaluate, p_eval_step, batch_size=t.eval_batch_size, mesh=mesh)
+        writer = stack.enter_context(contextlib.closing(metrics.MetricWriter(workdir, enabled=chief)))
+        state, pos = _resume(ckpt, initial_state(), writer)
+        _write_json(os.path.join(workdir, "config.json"), {"config_hash": run_hash, "config": config.to_dict()}, chief)
 
-        writer = metrics.MetricWriter(workdir, enabled=chief)
-        # Where the loop stands: epoch, batches of it done, learning-rate scale and rollbacks so far.
-        pos = dict(epoch=0, batch=0, lr_scale=1.0, rollbacks=0)
-        if latest is not None:
-            state, pos = _restore(ckpt, latest, state)
-            # Lines logged after the checkpoint by the interrupted run are logged again by this one.
-            writer.truncate_after(int(state.step))
-            logging.info("resumed from %s at epoch %d, batch %d (step %d)", ckpt.directory, pos["epoch"],
-                         pos["batch"], int(state.step))
-        if chief:
-            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump({"config_hash": run_hash, "config": config.to_dict()}, f, indent=2,
-                          default=_json_default)
-
-        def save(state, pos):
+        def save(state, pos, wait=False):
             # The save copies the state to the host before returning; the write runs in the background.
-            ckpt.save(int(state.step), state, dict(pos, step=int(state.step), config_hash=run_hash,
-                                                   config=identity))
+            ckpt.save(int(state.step), state, dict(pos, step=int(state.step), config_hash=run_hash, config=identity))
+            if wait:
+                ckpt.wait()
+            return ckpt.directory
 
-        with checkpoint_lib.SigtermFlag() as sigterm:
-            while pos["epoch"] < t.epochs:
-                epoch = pos["epoch"]
-                # DARTS: drop_path_prob * epoch / epochs, so 0 in the first epoch.
-                rate = jnp.asarray(config.model.drop_path * epoch / t.epochs, jnp.float32)
-                lr_scale = jnp.asarray(pos["lr_scale"], jnp.float32)
-                batches = itertools.islice(ds.train.batches(t.batch_size, epoch=epoch, seed=config.seed,
-                                                            shuffle=True, drop_remainder=True),
-                                           pos["batch"], steps_per_epoch)
-                window, bad_step = [], None
-                bar = tqdm.tqdm(total=steps_per_epoch, initial=pos["batch"], desc=f"epoch {epoch + 1}/{t.epochs}",
-                                leave=False, disable=not (t.progress and chief))
-                for i, batch in enumerate(batches, start=pos["batch"]):
-                    state, step_metrics = p_train_step(state, parallel.shard_batch(batch, mesh), rate, lr_scale)
-                    window.append(step_metrics)
-                    bar.update(1)
-                    stop = sigterm.requested and i < steps_per_epoch - 1
-                    if len(window) == t.log_every_steps or i == steps_per_epoch - 1 or stop:
-                        # One device_get per log line, not per step: the host never waits on each step.
-                        host = jax.device_get(window)
-                        finite = [m.pop("finite") for m in host]
-                        if min(finite) < 1.0:
-                            bad_step = int(state.step) - len(window) + finite.index(min(finite))
-                            break
-                        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                        mean["drop_path"] = float(rate)
-                        writer.write(int(state.step), epoch, "train", mean)
-                        bar.set_postfix(loss=f"{mean['loss']:.3f}", top1=f"{mean['top1']:.3f}")
-                        window = []
-                    if stop:
-                        bar.close()
-                        save(state, dict(pos, batch=i + 1))
-                        ckpt.wait()
-                        raise checkpoint_lib.Preempted(
-                            f"SIGTERM: training stopped at epoch {epoch + 1}, batch {i + 1} of {steps_per_epoch}, "
-                            f"and checkpointed there in {ckpt.directory}; run the same command again to resume")
-                bar.close()
-                if bad_step is not None:
-                    state, pos = _non_finite(config, ckpt, state, pos, bad_step, initial_state)
-                    writer.truncate_after(int(state.step))
-                    continue
-                if t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0 and ds.val.num_examples:
-                    writer.write(int(state.step), epoch, "val",
-                                 evaluate(p_eval_step, state, ds.val, batch_size=t.eval_batch_size, mesh=mesh))
-                pos = dict(pos, epoch=epoch + 1, batch=0)
-                save(state, pos)
-                for hook in epoch_hooks:
-                    hook(epoch + 1, state)
-                if sigterm.requested:
-                    ckpt.wait()
-                    raise checkpoint_lib.Preempted(
-                        f"SIGTERM: training stopped after epoch {epoch + 1} and checkpointed it in "
-                        f"{ckpt.directory}; run the same command again to resume")
+        stop = stack.enter_context(checkpoint_lib.StopSignals())
+        while pos["epoch"] < t.epochs:
+            epoch = pos["epoch"]
+            rate = jnp.asarray(config.model.drop_path * epoch / t.epochs, jnp.float32)  # DARTS: 0 in epoch 1
+            lr_scale = jnp.asarray(pos["lr_scale"], jnp.float32)
+            run = loop.run_epoch(
+                state, lambda state, i, batch: p_train_step(state, parallel.shard_batch(batch, mesh), rate, lr_scale),
+                ds.train.batches(t.batch_size, epoch=epoch, seed=config.seed, shuffle=True, drop_remainder=True),
+                start=pos["batch"], total=steps_per_epoch, stop=stop,
+                save=lambda state, end, _: save(state, dict(pos, batch=end), wait=True),
+                where=f"training stopped at epoch {epoch + 1}", desc=f"epoch {epoch + 1}/{t.epochs}",
+                show=t.progress and chief, check_every=t.log_every_steps,
+                on_check=lambda state, window: _log_window(writer, state, epoch, rate, window))
+            state = run.state
+            if run.bad is not None:
+                state, pos = _non_finite(config, ckpt, state, pos, int(state.step) - (run.end - run.bad), initial_state)
+                writer.truncate_after(int(state.step))
+                continue
+            if t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0 and ds.val.num_examples:
+                writer.write(int(state.step), epoch, "val", evaluate_on(state, ds.val))
+            pos = dict(pos, epoch=epoch + 1, batch=0)
+            save(state, pos)
+            for hook in epoch_hooks:
+                hook(epoch + 1, state)
+            if stop.requested:
+                ckpt.wait()
+                raise checkpoint_lib.Preempted(f"{stop.signal}: training stopped after epoch {epoch + 1} and "
+                                               f"checkpointed it in {ckpt.directory}; run the same command again to resume")
         ckpt.wait()
-
-        results = {"test": evaluate(p_eval_step, state, ds.test, batch_size=t.eval_batch_size, mesh=mesh)}
+        results = {"test": evaluate_on(state, ds.test)}
         if ds.val.num_examples:
-            results["val"] = evaluate(p_eval_step, state, ds.val, batch_size=t.eval_batch_size, mesh=mesh)
+            results["val"] = evaluate_on(state, ds.val)
         results["params"] = network.count_params(jax.device_get(state.params), jax.device_get(state.masks) or None)
         results.update(epochs=t.epochs, steps=int(state.step), rollbacks=pos["rollbacks"], config_hash=run_hash,
                        config=json.loads(json.dumps(config.to_dict(), default=_json_default)))
         writer.write(int(state.step), t.epochs - 1, "test", results["test"])
-    finally:
-        ckpt.close()  # an interrupted run still finishes writing its last checkpoint
-        if writer is not None:
-            writer.close()
-
-    if chief:
-        with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    _write_json(os.path.join(workdir, "results.json"), results, chief)
     logging.info("test top1 %.4f top5 %.4f loss %.4f; params %s", results["test"]["top1"],
                  results["test"]["top5"], results["test"]["loss"], results["params"])
     return results

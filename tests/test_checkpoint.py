@@ -1,6 +1,6 @@
 """mgas_jax.checkpoint on its own: a state with typed PRNG keys round-trips through orbax with its
 metadata, old steps are dropped, a damaged checkpoint is reported with the fix, another config's
-checkpoints are refused naming the keys that differ, and SIGTERM only sets a flag.
+checkpoints are refused naming the keys that differ, and SIGTERM or Ctrl-C only sets a flag.
 
 The search and the trainer use these through their own tests (test_search.py, test_train.py).
 """
@@ -120,27 +120,39 @@ def test_another_configs_checkpoints_are_refused_naming_both():
     assert "k19:" in str(e.value) and "k20:" not in str(e.value) and "; ..." in str(e.value)
 
 
-def test_sigterm_only_sets_a_flag_inside_the_context():
-    before = signal.getsignal(signal.SIGTERM)
-    with ckpt_lib.SigtermFlag() as flag:
-        assert not flag.requested
-        os.kill(os.getpid(), signal.SIGTERM)   # the process goes on
-        assert flag.requested
-    assert signal.getsignal(signal.SIGTERM) is before
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_only_sets_a_flag_inside_the_context(signame):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with ckpt_lib.StopSignals() as stop:
+        assert not stop.requested and stop.signal is None
+        os.kill(os.getpid(), getattr(signal, signame))   # the process goes on
+        assert stop.requested and stop.signal == signame
+        other = "SIGINT" if signame == "SIGTERM" else "SIGTERM"
+        os.kill(os.getpid(), getattr(signal, other))     # the first signal is the one named
+        assert stop.signal == signame
+    assert {s: signal.getsignal(s) for s in before} == before
     assert issubclass(ckpt_lib.Preempted, SystemExit)
 
 
-def test_sigterm_flag_outside_the_main_thread_installs_nothing():
+def test_a_second_ctrl_c_stops_at_once():
+    with ckpt_lib.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt, match="a second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == "SIGINT"
+
+
+def test_stop_signals_outside_the_main_thread_install_nothing():
     seen = {}
 
     def enter():
-        with ckpt_lib.SigtermFlag() as flag:
-            seen["handler"] = signal.getsignal(signal.SIGTERM)
-            seen["requested"] = flag.requested
+        with ckpt_lib.StopSignals() as stop:
+            seen["handlers"] = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+            seen["requested"] = stop.requested
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     thread = threading.Thread(target=enter)
     thread.start()
     thread.join()
-    assert seen == {"handler": before, "requested": False}
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert seen == {"handlers": before, "requested": False}
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -69,7 +69,7 @@ WORKER = textwrap.dedent("""
         batch = parallel.shard_batch(batch, mesh)
         assert batch["label"].shape == (cfg.batch_size,)
         state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(1), i), jnp.float32(0.05),
-                              jnp.ones((5,), jnp.float32))
+                              search_step.GroupScales().asarrays())
         losses.append({k: float(v) for k, v in metrics.items()})
     # the host-side decisions read the replicated state: every process must be able to
     host = jax.device_get(state)

@@ -62,7 +62,7 @@ STEPS = textwrap.dedent("""
                                                    opt_state=tx.init(trainable)))
     batches = list(ds.train.batches(cfg.batch_size, epoch=0, seed=0, shuffle=True, drop_remainder=True))[:3]
     mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
-    flags = jnp.ones((5,), jnp.float32)   # the pruning phase: weights, alpha, beta and thresholds all move
+    scales = search_step.GroupScales().asarrays()   # the pruning phase: weights, alpha, beta and thresholds all move
 
     runs = {}
     for n in (1, 8):
@@ -73,7 +73,7 @@ STEPS = textwrap.dedent("""
         for i, batch in enumerate(batches):
             batch = parallel.shard_batch(batch, mesh)
             assert len(batch["image"].sharding.device_set) == n
-            state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(1), i), jnp.float32(0.05), flags)
+            state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(1), i), jnp.float32(0.05), scales)
             losses.append({k: float(v) for k, v in metrics.items()})
         leaves = jax.tree.leaves((state, metrics))
         replicated = all(x.sharding.is_fully_replicated and len(x.sharding.device_set) == n for x in leaves)

@@ -7,6 +7,8 @@ networks other than the DARTS_V2 fixture use the native depthwise conv (`impl="l
 'shift' formulation is many small slices, each compiled separately when run eagerly; the two are
 equal by tests/test_kernels.py).
 """
+import importlib
+
 import chex
 import flax
 import jax
@@ -361,4 +363,8 @@ def test_package_exports():
                  "build_network", "count_params", "count_flops", "gates"):
         assert name in mgas_jax.__all__ and getattr(mgas_jax, name) is not None
     assert mgas_jax.gates.hard_step is not None and mgas_jax.CellSpec is G.CellSpec
-    assert ops.Op is not None
+    # the package's names are the modules' own objects, not copies
+    assert mgas_jax.Network is N.Network and mgas_jax.count_params is N.count_params
+    assert mgas_jax.gates is importlib.import_module("mgas_jax.gates") and mgas_jax.OpSpec is G.OpSpec
+    with pytest.raises(AttributeError, match="has no attribute 'not_exported'"):
+        mgas_jax.not_exported  # noqa: B018

@@ -38,7 +38,7 @@ def _run_steps(spec, v, programs, flag_rows):
     for i, flags in enumerate(flag_rows):
         batch = {"image": rng.integers(0, 255, (8, 8, 8, 3), dtype=np.uint8),
                  "label": rng.integers(0, 10, 8).astype(np.int32)}
-        state, metrics = step(state, batch, jax.random.key(i), jnp.float32(0.05), jnp.asarray(flags, jnp.float32))
+        state, metrics = step(state, batch, jax.random.key(i), jnp.float32(0.05), search_step.GroupScales(*flags).asarrays())
         out.append(jax.device_get(metrics))
     return jax.device_get(state), out
 

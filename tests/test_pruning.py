@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from mgas_jax import genotype as G
-from mgas_jax import ops
+from mgas_jax import gates, names, ops
 from mgas_jax import pruning as P
 from mgas_jax import supernet as S
 
@@ -352,6 +352,81 @@ def test_commit_inside_a_stage_keeps_the_structure(net):
     assert dropped == removing.spec
 
 
+def test_commit_follows_the_gate_functions(net, monkeypatch):
+    """The commit calls gates.py's rules (the forward's): change one there and the commit follows."""
+    spec, _ = net
+    v, expected = commit_case(net)
+    dil = names.op_path(2, G.OpSpec(1, 2, "dil_conv_3x3")) + names.conv_units("dil_conv_3x3")[0]
+    kernels = [(get(v["params"], p), get(v["masks"], p)) for p in names.unit_kernels(dil)]
+    monkeypatch.setattr(gates, "filter_mask", lambda beta, t, committed=None: committed)  # never prunes a filter
+    monkeypatch.setattr(gates, "weight_mask", lambda w, t, committed=None: (jnp.abs(w) > 2 * t) * committed)
+    monkeypatch.setattr(gates, "protect_last_op", lambda live, *args, **kwargs: live)  # no protection
+    res = P.commit(spec, v["params"], v["arch"], v["masks"])
+    assert res.filters_off == 0 and expected["filters_off"] > 0
+    assert res.weights_off == sum(int(np.sum((np.abs(w) <= 0.4) & (m > 0))) for w, m in kernels) > expected["weights_off"]
+    protected = (0, 1, idx("avg_pool_3x3"))  # commit_case's op that only the protection keeps
+    assert {(i, o.edge, o.op_index) for i, o in res.removed} == expected["removed"] | {protected}
+
+
+def test_commit_agrees_with_the_jitted_forward_at_ties(net):
+    """Random scores with thresholds exactly at sigma(score) or |w| (a tie is off: the gate is H(x > 0))
+    and a node whose ops all fall below t_op: what the commit keeps is what the jitted forward's gates let
+    through (ops.FilterGate for filters, gates.op_gate with its protection for ops, the kernel masks of
+    ops.Conv)."""
+    spec, variables = net
+    v = copy(variables)
+    rng = np.random.default_rng(7)
+    sigmoid = jax.jit(jax.nn.sigmoid)
+    for i in range(LAYERS):
+        a = v["arch"][names.cell_name(i)]
+        a["alpha"][:] = rng.normal(0.0, 1.0, a["alpha"].shape)
+        p = np.asarray(sigmoid(a["alpha"]))
+        a["t_op"][:] = np.where(rng.random(p.shape) < 0.3, p, p + rng.normal(0.0, 0.1, p.shape))
+        a["t_op"][:2] = 0.999  # node 0: every op below threshold, its best op protected
+        a["t_pre"][:] = np.asarray(sigmoid(get(v["arch"], names.gate(names.pre_path(i, 0)))[:1]))[0]
+        for o in spec.cells[i].ops:
+            for unit in names.conv_units(o.op):
+                beta = get(v["arch"], names.gate(names.op_path(i, o) + unit))
+                beta[:] = rng.normal(0.0, 1.0, beta.shape)
+            if names.conv_units(o.op):
+                first = names.op_path(i, o) + names.conv_units(o.op)[0]
+                a["t_k"][o.edge, o.op_index] = np.asarray(sigmoid(get(v["arch"], names.gate(first))))[0]
+                a["t_w"][o.edge, o.op_index] = np.abs(get(v["params"], names.unit_kernels(first)[0])).ravel()[0]
+        for k in range(2):
+            beta = get(v["arch"], names.gate(names.pre_path(i, k)))
+            beta[1:] = rng.normal(0.0, 1.0, beta.shape[0] - 1)
+    res = P.commit(spec, v["params"], v["arch"], v["masks"])
+
+    gate_forward = jax.jit(lambda beta, m, t: ops.FilterGate(beta.shape[0]).apply(
+        {"arch": {names.BETA: beta}, "masks": {names.BETA: m}}, jnp.ones((1,) + beta.shape), t)[0])
+    weight_forward = jax.jit(gates.weight_mask)
+    removed = {(i, o) for i, o in res.removed}
+    n_tied = 0
+    for i, cell in enumerate(spec.cells):
+        a = v["arch"][names.cell_name(i)]
+        g, _ = jax.jit(gates.op_gate)(a["alpha"], a["t_op"], S.active_matrix(cell), gates.edge_nodes(cell.steps))
+        g = np.asarray(g)
+        assert {o for o in cell.ops if g[o.edge, o.op_index] == 0} == {o for j, o in removed if j == i}
+        assert all(np.any(g[gates.edge_nodes(cell.steps) == j] > 0) for j in range(cell.steps))
+        n_tied += int(np.sum(a["t_op"] == np.asarray(sigmoid(a["alpha"]))))
+        for k in range(2):
+            path = names.gate(names.pre_path(i, k))
+            kept = np.asarray(gate_forward(get(v["arch"], path), get(v["masks"], path), a["t_pre"][k])) > 0
+            np.testing.assert_array_equal(get(res.masks, path), kept)
+        for o in cell.ops:
+            if (i, o) in removed:
+                continue
+            for unit in names.conv_units(o.op):
+                u = names.op_path(i, o) + unit
+                kept = np.asarray(gate_forward(get(v["arch"], names.gate(u)), get(v["masks"], names.gate(u)),
+                                               a["t_k"][o.edge, o.op_index])) > 0
+                np.testing.assert_array_equal(get(res.masks, names.gate(u)), kept)
+                for path in names.unit_kernels(u):
+                    live = weight_forward(get(v["params"], path), a["t_w"][o.edge, o.op_index], get(v["masks"], path))
+                    np.testing.assert_array_equal(get(res.masks, path), np.asarray(live))
+    assert n_tied > 0 and res.filters_off > 0 and res.weights_off > 0 and removed
+
+
 def test_commit_again_changes_nothing(net):
     """A second commit with the same thresholds: removed ops stay out, the protected op stays in."""
     spec, _ = net
@@ -590,7 +665,7 @@ def shrink_case(net):
         elif path[-1] == "beta":
             parent["beta"] = beta(path, x)
     for cell, op, _ in list(special)[:3]:  # make sure these ops survive the commit
-        e, k = G.OpSpec(*P.parse_op_name(op)).edge, idx(P.parse_op_name(op)[2])
+        e, k = G.OpSpec(*names.parse_op_name(op)).edge, idx(names.parse_op_name(op)[2])
         v["arch"][cell]["alpha"][e, k] = 2.0
     for path, x in leaves(v["batch_stats"]).items():
         get(v["batch_stats"], path[:-1])[path[-1]] = (

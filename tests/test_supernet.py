@@ -72,7 +72,7 @@ def test_frozen_groups_keep_values_and_optimizer_state(net, flags):
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 255, (8, 8, 8, 3), dtype=np.uint8), "label": rng.integers(0, 10, 8).astype(np.int32)}
     before = jax.tree.map(np.asarray, (state.params, state.arch, state.opt_state))
-    new, metrics = step(state, batch, jax.random.key(1), jnp.float32(0.1), jnp.asarray(flags, jnp.float32))
+    new, metrics = step(state, batch, jax.random.key(1), jnp.float32(0.1), search_step.GroupScales(*flags).asarrays())
     assert float(metrics["finite"]) == 1.0
     params_changed = any(np.any(a != b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(before[0])))
     arch_changed = any(np.any(a != b) for a, b in zip(jax.tree.leaves(new.arch), jax.tree.leaves(before[1])))

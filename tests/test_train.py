@@ -187,19 +187,20 @@ def steps_calling(monkeypatch, action):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_inside_an_epoch_and_resumes(uninterrupted, tmp_path, monkeypatch):
-    """A real SIGTERM in the 2nd step of epoch 2: checkpoint at that step, clean exit, exact resume."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_sigterm_checkpoints_inside_an_epoch_and_resumes(uninterrupted, tmp_path, monkeypatch, signame):
+    """A real SIGTERM (or Ctrl-C) in the 2nd step of epoch 2: checkpoint at that step, clean exit, exact resume."""
     import signal
     _, expected = uninterrupted
     workdir = str(tmp_path / "preempted")
 
     def signal_at_5(n, args):
         if n == 5:
-            os.kill(os.getpid(), signal.SIGTERM)  # the handler only flags; the step runs to its end
+            os.kill(os.getpid(), getattr(signal, signame))  # the handler only flags; the step runs to its end
         return args
 
     steps_calling(monkeypatch, signal_at_5)
-    with pytest.raises(SystemExit, match="SIGTERM: training stopped at epoch 2, batch 2 of 3") as e:
+    with pytest.raises(SystemExit, match=f"{signame}: training stopped at epoch 2, batch 2 of 3") as e:
         train.train_and_evaluate(tiny(), workdir)
     assert isinstance(e.value, checkpoint_lib.Preempted)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "5"]

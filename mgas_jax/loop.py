@@ -1,0 +1,96 @@
+"""The epoch loop that the search and the training share: one pass over an epoch's batches.
+
+    run = loop.run_epoch(state, step, batches, start=batch_in_epoch, total=steps_per_epoch,
+                         stop=stop_flag, save=save, where="training stopped at epoch 2", desc="epoch 2/10")
+    state, metrics, bad = run.state, run.metrics, run.bad
+
+What both loops need and would otherwise each write: the batches from `start` on (a resumed epoch
+continues at the batch after its checkpoint), a progress bar, a stop request (SIGTERM or Ctrl-C,
+checkpoint.StopSignals) answered by checkpointing the exact position and raising
+`checkpoint.Preempted`, the non-finite check of every step, and the time of a first step that
+compiles. The host reads the metrics back once per window (`check_every` steps), never per step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import tqdm
+
+from mgas_jax import checkpoint as checkpoint_lib
+
+
+@dataclasses.dataclass
+class EpochRun:
+    """What `run_epoch` did.
+
+    Attributes:
+      state: the state after the last step run.
+      metrics: host metrics of the steps run, in batch order; when a step was not finite, only those
+        of the windows before its window.
+      end: the batch index after the last step run.
+      bad: the batch index of the first step that was not finite, or None.
+    """
+    state: Any
+    metrics: list
+    end: int
+    bad: Optional[int] = None
+
+
+def run_epoch(state, step: Callable, batches: Iterable, *, start: int, total: int,
+              stop: checkpoint_lib.StopSignals, save: Callable[[Any, int, list], str], where: str, desc: str,
+              show: bool = True, check_every: int = 0, on_check: Optional[Callable[[Any, list], Optional[dict]]] = None,
+              on_compiled: Optional[Callable[[float], None]] = None) -> EpochRun:
+    """Runs the steps of batches [start, total) of an epoch.
+
+    Args:
+      state: the state before the first step (the step may donate it).
+      step: (state, i, batch) -> (state, metrics), metrics a dict of device scalars with 'finite'
+        (1.0 when the step's loss and gradients were finite).
+      batches: the epoch's batches from its first one; those before `start` are skipped.
+      start: batches of the epoch already done (0, or the position of a mid-epoch checkpoint).
+      total: the epoch's number of batches.
+      stop: checked after every step; once set, the metrics so far are checked, `save(state, i + 1,
+        metrics)` checkpoints the position (and returns the checkpoint directory) and
+        `checkpoint.Preempted` is raised, saying `where` it stopped.
+      check_every: read the metrics back and check them every this many steps; 0: only at the end of
+        the epoch and on a stop.
+      on_check: fn(state, host metrics of the window) after each finite window; a dict it returns
+        becomes the progress bar's postfix.
+      on_compiled: fn(seconds) after the first step, which then waits for its result: the step
+        compiled in that time (with the first batch's loading).
+    Returns:
+      EpochRun; the loop ends at the first window holding a step that was not finite.
+    """
+    bar = tqdm.tqdm(total=total, initial=start, desc=desc, leave=False, disable=not show or jax.process_index() != 0)
+    done, window, end = [], [], start
+    t0 = time.time()
+    try:
+        for i, batch in enumerate(itertools.islice(batches, start, total), start):
+            state, metrics = step(state, i, batch)
+            if on_compiled is not None and i == start:
+                jax.block_until_ready(metrics)
+                on_compiled(time.time() - t0)
+            window.append(metrics)
+            end = i + 1
+            bar.update(1)
+            if stop.requested or end == total or (check_every and len(window) == check_every):
+                host, window = jax.device_get(window), []
+                finite = [float(m["finite"]) for m in host]
+                if min(finite) < 1.0:
+                    return EpochRun(state, done, end, bad=end - len(host) + finite.index(min(finite)))
+                done += host
+                postfix = on_check(state, host) if on_check is not None else None
+                if postfix:
+                    bar.set_postfix(**postfix)
+            if stop.requested:
+                directory = save(state, end, done)
+                raise checkpoint_lib.Preempted(
+                    f"{stop.signal}: {where}, batch {end} of {total}, and checkpointed there in {directory}; "
+                    f"run the same command again to resume")
+    finally:
+        bar.close()
+    return EpochRun(state, done, end)
