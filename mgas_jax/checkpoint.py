@@ -165,9 +165,9 @@ class Checkpointer:
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # orbax raises many types for damaged files
-            raise self._corrupt(step, e) from e
+            raise _corrupt(self.directory, step, e) from e
         if not isinstance(meta, dict):
-            raise self._corrupt(step, TypeError(f"metadata is {type(meta).__name__}, not a dict"))
+            raise _corrupt(self.directory, step, TypeError(f"metadata is {type(meta).__name__}, not a dict"))
         return dict(meta)
 
     def restore(self, step: int, like: Any) -> Any:
@@ -176,7 +176,7 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_like(like)))).state
         except Exception as e:  # orbax raises many types for damaged or mismatched files
-            raise self._corrupt(step, e) from e
+            raise _corrupt(self.directory, step, e) from e
         return data_to_keys(restored, like)
 
     def wait(self) -> None:
@@ -190,15 +190,6 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
         self._manager = None
-
-    def _corrupt(self, step: int, error: Exception) -> "CorruptCheckpointError":
-        # The run ends on this error: orbax's threads must not outlive it, or they print their own
-        # errors after the message when the interpreter exits under them.
-        try:
-            self.close()
-        except Exception:  # the message below is what matters
-            pass
-        return _corrupt(self.directory, step, error)
 
 
 def diff_dicts(old: dict, new: dict, path: str = "") -> list[str]:

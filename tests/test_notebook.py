@@ -30,6 +30,7 @@ def test_notebook_is_valid_and_parameterised():
     assert 'f"jax=={kept[0]}", f"jaxlib=={kept[1]}"' in source
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_cpu_with_the_tiny_config(tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     monkeypatch.setenv("MGAS_NB_PRESET", "auto")         # on this CPU: tiny
