@@ -346,10 +346,12 @@ SCHEMA["search"] = {
                    default=False),
     "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)", default="float32"),
     # the same computation either way (up to the order of float additions), so not in the config hash
-    "programs": Field(str, one_of("step", "cell", "edge"), "the search step as one XLA program ('step') or a "
-                      "chain of per-cell or per-edge programs; edges of the same structure and shapes share "
-                      "one, so a structure change compiles only new edges (search.make_step, "
-                      "benchmarks/README.md 7, 8)", default="edge", semantic=False),
+    "programs": Field(str, one_of("auto", "step", "cell", "edge"), "the search step as one XLA program "
+                      "('step') or a chain of per-cell or per-edge programs; edges of the same structure and "
+                      "shapes share one, so a structure change compiles only new edges. 'auto': 'edge' on a "
+                      "CPU (measured: 40 s against 600 s to compile the 8-cell super-net, and a faster step), "
+                      "'step' on a GPU or TPU (search_step.resolve_programs says why; benchmarks/README.md 7, "
+                      "8, 10)", default="auto", semantic=False),
     "keep_checkpoints": Field(int, positive, "search checkpoints kept (one per epoch)", default=3,
                               semantic=False),
     "progress": Field(bool, None, "tqdm bar per epoch", default=True, semantic=False),

@@ -116,7 +116,7 @@ def test_int_is_a_float():
     ("data.train_fraction", 0.0, "must lie in (0, 1]"),
     ("train.lr", float("nan"), "must be a finite number"),
     ("model.layers", 2, "must be >= 3"),   # two reductions (L//3, 2L//3) need three cells
-    ("search.programs", "cells", "must be one of 'step', 'cell', 'edge' (did you mean 'cell'?)"),
+    ("search.programs", "cells", "must be one of 'auto', 'step', 'cell', 'edge' (did you mean 'cell'?)"),
 ])
 def test_impossible_values(dotted, value, fragment):
     assert_error(with_value(dotted, value), f"{dotted} = ", fragment)

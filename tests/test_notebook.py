@@ -23,6 +23,7 @@ def test_notebook_is_valid_and_parameterised():
     assert all(not c.get("outputs") for c in code), "commit the notebook without outputs"
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_cpu_with_the_tiny_config(tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     monkeypatch.setenv("MGAS_NB_PRESET", "tiny")

@@ -1,5 +1,8 @@
 """mode=all end to end on configs/tiny.py (search -> retrain 1 epoch of 2 steps -> evaluate -> reports),
-mode=evaluate on an untrained export, and the report pieces on hand-made inputs."""
+mode=evaluate on an untrained export, and the report pieces on hand-made inputs.
+
+The mode=all run is the session's (conftest.py's `tiny_all`), on a copy of the session's finished search.
+"""
 import json
 import os
 import shutil
@@ -9,22 +12,9 @@ import pytest
 from matplotlib import image as mpimg
 
 from mgas_jax import config as config_lib
-from mgas_jax import evaluation, export, modes, reports
+from mgas_jax import evaluation, modes, reports
 from mgas_jax.genotype import CellSpec, OpSpec, cells_to_json
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.py")
-
-
-def tiny_config(mode="all"):
-    config = config_lib.load_config(TINY)
-    config.mode = mode
-    config.train.epochs = 1
-    config.train.steps_per_epoch = 2
-    config.evaluate.throughput_batch_size = 16
-    config.evaluate.throughput_warmup = 1
-    config.evaluate.throughput_steps = 2
-    return config
+from tiny_runs import short_config as tiny_config
 
 
 def assert_png(path):
@@ -34,39 +24,30 @@ def assert_png(path):
     assert img.std() > 0.01, f"{path} is blank"
 
 
-@pytest.fixture(scope="module")
-def everything(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("all")
-    validations = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config_lib, "validate", lambda config, **kw: validations.append(config.mode))
-        result = modes.run(tiny_config(), str(workdir))
-    return workdir, result, validations
-
-
-def test_mode_all_validates_its_config_once(everything):
+def test_mode_all_validates_its_config_once(tiny_all):
     """modes.run validates; the search, each retraining and training, and the evaluation it calls do not."""
-    assert everything[2] == ["all"]
+    workdir, _, validations = tiny_all
+    assert validations == ["all"]
     # each entry point called on its own still validates its config, once
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config_lib, "validate", lambda config, **kw: calls.append(1))
         with pytest.raises(FileNotFoundError):
-            evaluation.evaluate(tiny_config("evaluate"), str(everything[0] / "nothing_here"))
+            evaluation.evaluate(tiny_config("evaluate"), str(workdir / "nothing_here"))
         assert calls == [1]
         # and a config changed after the run's validation is checked again inside the run
         config = tiny_config("evaluate")
         with config_lib.validated(config):
             config.evaluate.throughput_steps = 3
             with pytest.raises(FileNotFoundError):
-                evaluation.evaluate(config, str(everything[0] / "nothing_here"))
+                evaluation.evaluate(config, str(workdir / "nothing_here"))
         assert calls == [1, 1, 1]
 
 
-def test_all_mode_end_to_end(everything):
-    workdir, result, _ = everything
+def test_all_mode_end_to_end(tiny_all):
+    workdir, result, _ = tiny_all
     # search
-    small = str(min(tiny_config().export.targets))  # below anything 3 tiny cells reach
+    small = str(min(tiny_config("all").export.targets))  # below anything 3 tiny cells reach
     assert "path" in result["search"]["100000"] and "error" in result["search"][small]
     assert os.path.isfile(workdir / "search" / "search_result.json")
     # retraining of the one reachable target, from scratch, with the short protocol
@@ -97,8 +78,8 @@ def test_all_mode_end_to_end(everything):
     assert os.path.isfile(workdir / "all_result.json")
 
 
-def test_evaluate_an_untrained_export(everything, tmp_path):
-    workdir, _, _ = everything
+def test_evaluate_an_untrained_export(tiny_all, tmp_path):
+    workdir, _, _ = tiny_all
     shutil.copytree(workdir / "search" / "export", tmp_path / "search" / "export")
     config = tiny_config("evaluate")
     result = modes.run(config, str(tmp_path))
