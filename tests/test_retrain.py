@@ -167,7 +167,7 @@ def test_flops_of_derived_cells_with_mid_and_out_index():
     shapes = jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)),
                                                                train=False))
     params = traverse_util.flatten_dict(shapes["params"])
-    for path, shape, _ in network.conv_layers(spec, (4, 4, 1)):
+    for path, shape, _ in network.conv_shapes(spec, (4, 4, 1)):
         assert params[path].shape == shape, path
 
     masks = {p: np.ones(v.shape, np.float32) for p, v in traverse_util.flatten_dict(shapes["masks"]).items()}
