@@ -21,6 +21,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "scikit-learn>=1.4",   # the bundled 8x8 digits data set, the offline default
+        "scipy>=1.10",         # Student t quantiles of the studies' intervals (stats.py); scikit-learn needs it too
         "tqdm>=4.66",          # progress bars
         "tensorboardX>=2.6",   # TensorBoard events without TensorFlow
         "matplotlib>=3.8",     # reports: cell drawings, sparsity and Pareto plots

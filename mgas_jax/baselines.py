@@ -128,32 +128,19 @@ def _filters(cell: genotype_lib.CellSpec) -> int:
     return n
 
 
-def _masked_kernel(path: tuple) -> bool:
-    """The conv kernels that carry weight masks (and that MGAS prunes weight by weight): sep/dil convs."""
-    return "sep" in path or "dil" in path
-
-
 def parameter_split(spec: network.NetworkSpec, input_shape) -> tuple[int, list[int]]:
     """(parameters outside the masked kernels, the masked kernels' sizes) of an evaluation network.
 
-    Computed from the spec without tracing (network.conv_layers), so a sampler can size many draws:
-    every kernel of conv_layers, a BatchNorm scale and bias after each non-depthwise conv except the
-    classifier (FactorizedReduce's two halves share one BN of their summed width) and after each pool
-    (pool_bn), and the classifier's bias. `tests/test_baselines.py` checks it against the traced count.
+    Read off the variable shapes of one abstract `init` of Network(spec) (jax.eval_shape: traced, not
+    compiled; the lax formulation of the depthwise convs and pools, which traces fastest and makes the
+    same variables): the kernels that carry a weight mask are the masked ones; every other parameter
+    (auxiliary head excluded) is fixed.
     """
-    fixed, masked = 0, []
-    for path, shape, _ in network.conv_layers(spec, input_shape):
-        size = int(np.prod(shape))
-        if _masked_kernel(path):
-            masked.append(size)
-        else:
-            fixed += size
-        if path[0] != "classifier" and "dw" not in path:
-            fixed += 2 * shape[-1]
-    for cell in spec.cells:
-        pools = sum(1 for o in cell.ops if o.op.endswith("pool_3x3"))
-        fixed += 2 * cell.width * pools if spec.pool_bn else 0
-    return fixed + spec.num_classes, masked
+    shapes = export.variable_shapes(dataclasses.replace(spec, impl="lax"), input_shape)
+    params = export._flat(shapes["params"])
+    masked = [int(np.prod(params[p].shape)) for p in export._flat(shapes.get("masks", {}))
+              if p in params and not p.startswith("aux_head/")]
+    return network.count_params(shapes["params"])["dense"] - sum(masked), masked
 
 
 def _pruned_export(source: dict, cells: tuple, out_dir: str, name: str, *, target: int, seed: int,

@@ -91,9 +91,22 @@ class StopSignals:
         return False
 
 
+def _reason(error: BaseException, limit: int = 300) -> str:
+    """The first line of the innermost cause of `error`: orbax wraps tensorstore's precise error
+    ('Requested byte range ... is not valid for value of size ...') in generic ones, and appends
+    pages of array specs to them."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
+        error = error.__cause__ or error.__context__
+        seen.add(id(error))
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def _corrupt(directory: str, step: int, error: Exception) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"the checkpoint of step {step} in {directory} cannot be read ({type(error).__name__}: {error}). "
+        f"the checkpoint of step {step} in {directory} cannot be read ({_reason(error)}). "
         f"Nothing was changed. To resume from the previous checkpoint, move {os.path.join(directory, str(step))} "
         f"out of the way; to start over, use another --workdir.")
 
@@ -167,11 +180,16 @@ class Checkpointer:
         return data_to_keys(restored, like)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for the writes in flight and stops orbax's threads (again: a no-op)."""
+        if self._manager is None:
+            return
         self._manager.wait_until_finished()
         self._manager.close()
+        self._manager = None
 
 
 def diff_dicts(old: dict, new: dict, path: str = "") -> list[str]:

@@ -1,8 +1,12 @@
 """Validation of a whole experiment config before any compute.
 
-Every key a config may hold is declared here, per section, as a `Field(type, check, doc)`:
+Every key a config may hold is declared here, and only here, per section, as a
+`Field(type, check, doc, default=...)`:
 
-    SCHEMA['train']['batch_size'] = Field(int, positive, "GLOBAL batch size, summed over all devices.")
+    SCHEMA['train']['batch_size'] = Field(int, positive, "GLOBAL batch size, ...", default=96)
+
+`default_config()` builds the config of the defaults (configs/default.py returns it); `describe()`
+lists every key with its type, default and doc (`python -m mgas_jax.main --helpconfig`).
 
 `validate(config)` walks the config against `SCHEMA` and raises `ConfigError` (a ValueError) naming
 the dotted key (`train.batch_size`), the value, and what is allowed, for
@@ -37,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 
 from mgas_jax import genotype as genotype_lib
 from mgas_jax import ops as ops_lib
@@ -53,6 +58,9 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the dotted key and what is allowed."""
 
 
+NO_DEFAULT = type("NoDefault", (), {"__repr__": lambda self: "NO_DEFAULT"})()
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One config key.
@@ -62,13 +70,16 @@ class Field:
         `tuple` also accepts lists. Add `type(None)` to allow None.
       check: optional value check (see the factories below); runs only on values of the right type
         that are not None.
-      doc: one line on what the key does (shown in errors about the key).
+      doc: what the key does (shown by `describe`, --helpconfig and in errors about the key).
+      default: the value of `default_config()`, which configs/default.py returns; every key of SCHEMA has
+        one (tests/test_config.py checks), a key without one must be set by each config.
       semantic: False for keys that do not change the numbers a run produces (logging, progress bars,
         how many checkpoints to keep); they are left out of `config_hash`.
     """
     type: Union[type, tuple]
     check: Optional[Check] = None
     doc: str = ""
+    default: Any = NO_DEFAULT
     semantic: bool = True
 
 
@@ -172,74 +183,104 @@ NAN_POLICIES = ("stop", "rollback")
 def _nan_policy_fields(what: str) -> dict:
     """The keys of a section's reaction to a non-finite loss or gradient (train.*, search.*)."""
     return {
-        "nan_policy": Field(str, one_of(*NAN_POLICIES), "on a non-finite loss or gradient: stop, or roll back "
-                            f"to the last checkpoint and go on with {what} lowered", semantic=False),
+        "nan_policy": Field(str, one_of(*NAN_POLICIES), "on a non-finite loss or gradient: 'stop' (name the "
+                            "step and the last good checkpoint), or 'rollback' (restore the last checkpoint "
+                            f"and go on with {what} lowered)", default="stop", semantic=False),
         "rollback_lr_factor": Field(float, fraction, f"nan_policy=rollback: {what} x this per rollback",
-                                    semantic=False),
+                                    default=0.5, semantic=False),
         "max_rollbacks": Field(int, non_negative, "nan_policy=rollback: rollbacks before giving up",
-                               semantic=False),
+                               default=3, semantic=False),
     }
 
 SCHEMA: dict[str, Any] = {
-    "mode": Field(str, one_of(*MODE_NAMES), "what to run (see mgas_jax/modes.py)", semantic=False),
-    "seed": Field(int, non_negative, "seeds parameters, data order, augmentation and drop-path"),
+    "mode": Field(str, one_of(*MODE_NAMES), "what to run: 'train' trains model.genotype from scratch and "
+                  "tests it (train.py); 'search', 'retrain', 'evaluate', 'all' are the MGAS modes (modes.py)",
+                  default="train", semantic=False),
+    "seed": Field(int, non_negative, "seeds the parameters, the data order (a pure function of (seed, epoch)), "
+                  "augmentation and drop-path (keys fold_in(key(seed), step)), so a resumed run repeats the "
+                  "same numbers", default=0),
     "compilation_cache_dir": Field(str, None, "where compiled XLA programs are kept, so a resumed or repeated "
-                                   "run loads them instead of compiling ('' = JAX's setting, else "
-                                   "<workdir>/xla_cache; 'off' = none)", semantic=False),
-    "keep_freed_host_memory": Field(bool, None, "malloc keeps freed memory for reuse (Linux, glibc): XLA CPU "
-                                    "allocates each program's buffers afresh (modes.keep_freed_host_memory)",
-                                    semantic=False),
+                                   "run of the same structure loads them instead of compiling (a super-net "
+                                   "step compiles for minutes on a CPU); '' = JAX_COMPILATION_CACHE_DIR when "
+                                   "set, else <workdir>/xla_cache; 'off' = none; runs of the same network "
+                                   "can share one directory", default="", semantic=False),
+    "keep_freed_host_memory": Field(bool, None, "malloc keeps freed memory for reuse instead of unmapping it "
+                                    "(Linux, glibc): XLA CPU allocates each program's buffers afresh and fresh "
+                                    "pages cost a page fault each (a search step runs ~1.3x faster, "
+                                    "benchmarks/README.md section 8); the process keeps its peak RSS",
+                                    default=True, semantic=False),
     "data": {
-        "name": Field(str, one_of(*DATASETS), "data set"),
-        "data_dir": Field((str, type(None)), None, "where TFDS data sets are prepared (None = TFDS default)",
-                          semantic=False),
-        "val_size": Field(int, non_negative, "training examples held out as the validation split"),
-        "train_fraction": Field(float, fraction, "class-balanced fraction of the training split used"),
-        "folds": Field(int, non_negative, "digits: k of a stratified k-fold split of all images "
-                       "(0 = the fixed 80/20 split)"),
-        "fold": Field(int, non_negative, "data.folds > 0: the fold used as the test split"),
-        "fold_repeat": Field(int, non_negative, "data.folds > 0: the repetition (seeds the fold assignment)"),
-        "image_size": Field(int, positive, "side of the (square) images fed to the network"),
-        "num_classes": Field(int, non_negative, "classes (0 = the data set's own count)"),
-        "synthetic_size": Field(int, positive, "examples of the 'synthetic' data set"),
-        "crop_padding": Field(int, non_negative, "random crop after zero padding by this much (0 = off)"),
-        "flip": Field(bool, None, "random horizontal flips"),
-        "cutout": Field(int, non_negative, "Cutout square side in pixels (0 = off)"),
-        "autoaugment": Field(bool, None, "AutoAugment (CIFAR policy)"),
+        "name": Field(str, one_of(*DATASETS), "data set", default="cifar10"),
+        "data_dir": Field((str, type(None)), None, "where TFDS array_record data sets are prepared (None = the "
+                          "TFDS default, ~/tensorflow_datasets)", default=None, semantic=False),
+        "val_size": Field(int, non_negative, "training examples held out as the validation split (0 for "
+                          "retraining: like DARTS and MGAS, train on all 50k and report the test split; the "
+                          "search holds out search.val_size)", default=0),
+        "train_fraction": Field(float, fraction, "class-balanced share of the (remaining) training split used",
+                                default=1.0),
+        "folds": Field(int, non_negative, "digits only: 0 = the fixed stratified 80/20 test split; k >= 2 = a "
+                       "stratified k-fold split of all 1797 images whose fold `fold` is the test split and the "
+                       "other k-1 folds the training split (validation is held out of those)", default=0),
+        "fold": Field(int, non_negative, "data.folds > 0: the fold used as the test split", default=0),
+        "fold_repeat": Field(int, non_negative, "data.folds > 0: the repetition, which seeds the fold "
+                             "assignment; repetition r tests every image once (experiments/digits_study.py "
+                             "runs folds x repetitions x seeds)", default=0),
+        "image_size": Field(int, positive, "side of the (square) model input; used by imagenet (resize) and "
+                            "synthetic", default=32),
+        "num_classes": Field(int, non_negative, "classes of 'synthetic' (0 = the data set's own count; the "
+                             "other data sets know theirs)", default=10),
+        "synthetic_size": Field(int, positive, "examples per split of the 'synthetic' data set", default=1024),
+        "crop_padding": Field(int, non_negative, "zero-pad by this much, then random crop back to the image "
+                              "size (0 = no crop)", default=4),
+        "flip": Field(bool, None, "random horizontal flips", default=True),
+        "cutout": Field(int, non_negative, "Cutout square side in pixels (0 = off)", default=16),
+        "autoaugment": Field(bool, None, "AutoAugment (CIFAR policy) while retraining; the search uses "
+                             "search.autoaugment", default=False),
     },
     "model": {
-        "init_channels": Field(int, positive, "C, the width of the first cells"),
-        "layers": Field(int, in_range(3), "cells L; reductions at L//3 and 2L//3 need L >= 3"),
-        "stem_multiplier": Field(int, positive, "stem conv outputs stem_multiplier * C channels"),
-        "genotype": Field(str, genotype_check, "genotype name (genotype.py) or DARTS Genotype(...) string"),
-        "auxiliary": Field(bool, None, "auxiliary head after cell 2L//3"),
-        "auxiliary_weight": Field(float, non_negative, "weight of the auxiliary loss"),
-        "drop_path": Field(float, probability, "final drop-path rate, ramped linearly from 0"),
-        "pool_bn": Field(bool, None, "BatchNorm after pooling ops (retraining network)"),
-        "imagenet_stem": Field(bool, None, "the DARTS ImageNet stem (two stride-2 stages)"),
-        "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)"),
+        "init_channels": Field(int, positive, "C, the width of the first cells (DARTS CIFAR evaluation: 36)",
+                               default=36),
+        "layers": Field(int, in_range(3), "cells L; reductions at L//3 and 2L//3 need L >= 3", default=20),
+        "stem_multiplier": Field(int, positive, "stem conv outputs stem_multiplier * C channels", default=3),
+        "genotype": Field(str, genotype_check, "genotype name (genotype.GENOTYPES) or DARTS Genotype(...) "
+                          "string", default="DARTS_V2"),
+        "auxiliary": Field(bool, None, "DARTS auxiliary head after cell 2L//3 (training only)", default=True),
+        "auxiliary_weight": Field(float, non_negative, "loss = CE + auxiliary_weight * CE(aux)", default=0.4),
+        "drop_path": Field(float, probability, "drop-path rate at the last epoch, ramped linearly "
+                           "(rate * epoch / epochs; not on identity edges)", default=0.2),
+        "pool_bn": Field(bool, None, "BatchNorm after the pooling ops (retraining network)", default=True),
+        "imagenet_stem": Field(bool, None, "the DARTS ImageNet stem (3 stride-2 convs) for 224 px inputs",
+                               default=False),
+        "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)", default="float32"),
     },
     "train": {
-        "epochs": Field(int, positive, "training epochs"),
-        "batch_size": Field(int, positive, "GLOBAL batch size, split over all devices"),
-        "eval_batch_size": Field(int, positive, "GLOBAL evaluation batch size"),
-        "steps_per_epoch": Field(int, non_negative, "cap on steps per epoch (0 = full epoch)"),
-        "lr": Field(float, positive, "initial learning rate"),
-        "lr_schedule": Field(str, one_of(*LR_SCHEDULES), "cosine: lr -> lr_min; step: x decay_rate"),
-        "lr_min": Field(float, non_negative, "final learning rate of the cosine schedule"),
-        "lr_decay_rate": Field(float, fraction, "step schedule: factor per lr_decay_epochs"),
-        "lr_decay_epochs": Field(int, positive, "step schedule: epochs between decays"),
-        "momentum": Field(float, probability, "SGD momentum"),
-        "nesterov": Field(bool, None, "Nesterov momentum"),
-        "weight_decay": Field(float, non_negative, "L2 weight decay added to the gradient"),
-        "grad_clip": Field(float, non_negative, "global gradient-norm clip (0 = off)"),
-        "label_smoothing": Field(float, probability, "label smoothing of the cross-entropy"),
-        "eval_every_epochs": Field(int, non_negative, "validation every N epochs (0 = never)",
-                                   semantic=False),
-        "keep_checkpoints": Field(int, positive, "checkpoints kept in workdir", semantic=False),
-        "log_every_steps": Field(int, positive, "steps between training-metric log lines",
-                                 semantic=False),
-        "progress": Field(bool, None, "tqdm progress bar per epoch", semantic=False),
+        "epochs": Field(int, positive, "training epochs", default=600),
+        "batch_size": Field(int, positive, "GLOBAL batch size, split over all devices (must divide evenly)",
+                            default=96),
+        "eval_batch_size": Field(int, positive, "GLOBAL evaluation batch size; the last batch is padded, not "
+                                 "dropped", default=256),
+        "steps_per_epoch": Field(int, non_negative, "cap on steps per epoch (0 = full epoch; > 0 for quick "
+                                 "runs and tests)", default=0),
+        "lr": Field(float, positive, "initial SGD learning rate", default=0.025),
+        "lr_schedule": Field(str, one_of(*LR_SCHEDULES), "'cosine': lr -> lr_min over all steps (CIFAR); "
+                             "'step': lr x lr_decay_rate every lr_decay_epochs (DARTS ImageNet: 0.97 every "
+                             "epoch)", default="cosine"),
+        "lr_min": Field(float, non_negative, "final learning rate of the cosine schedule", default=0.0),
+        "lr_decay_rate": Field(float, fraction, "step schedule: factor per lr_decay_epochs", default=0.97),
+        "lr_decay_epochs": Field(int, positive, "step schedule: epochs between decays", default=1),
+        "momentum": Field(float, probability, "SGD momentum", default=0.9),
+        "nesterov": Field(bool, None, "Nesterov momentum", default=False),
+        "weight_decay": Field(float, non_negative, "L2 weight decay added to the gradient (PyTorch SGD style), "
+                              "after clipping", default=3e-4),
+        "grad_clip": Field(float, non_negative, "global gradient-norm clip (0 = off)", default=5.0),
+        "label_smoothing": Field(float, probability, "label smoothing of the cross-entropy", default=0.0),
+        "eval_every_epochs": Field(int, non_negative, "validation every N epochs when data.val_size > 0 "
+                                   "(0 = never)", default=1, semantic=False),
+        "keep_checkpoints": Field(int, positive, "orbax keeps the latest N checkpoints (one per epoch)",
+                                  default=2, semantic=False),
+        "log_every_steps": Field(int, positive, "steps between training-metric log lines (averaged since the "
+                                 "last line)", default=50, semantic=False),
+        "progress": Field(bool, None, "tqdm progress bar per epoch on process 0", default=True, semantic=False),
         **_nan_policy_fields("the learning rate"),
     },
 }
@@ -247,61 +288,94 @@ SCHEMA: dict[str, Any] = {
 
 IMPLS = ("auto", "lax", "shift")
 
+# mode=search (docs/method.md sections 1-5). The search reads config.data with search.val_size,
+# search.train_fraction and search.autoaugment in place of data.*'s (retraining uses data.* as they are).
 SCHEMA["search"] = {
-    "val_size": Field(int, non_negative, "training examples held out as validation while searching"),
-    "train_fraction": Field(float, fraction, "class-balanced share of the training split searched on"),
-    "autoaugment": Field(bool, None, "AutoAugment (CIFAR policy) while searching"),
-    "init_channels": Field(int, positive, "C of the super-net"),
-    "layers": Field(int, in_range(3), "cells of the super-net; 3 stages need L >= 3"),
-    "steps": Field(int, in_range(1, 8), "intermediate nodes per cell (4: 14 edges)"),
-    "stem_multiplier": Field(int, positive, "stem conv outputs stem_multiplier * C channels"),
-    "batch_size": Field(int, positive, "GLOBAL search batch, split over all devices"),
-    "eval_batch_size": Field(int, positive, "GLOBAL batch of the validation passes"),
-    "steps_per_epoch": Field(int, non_negative, "cap on steps per epoch (0 = full epoch)"),
-    "lr": Field(float, positive, "SGD learning rate of the network weights"),
-    "momentum": Field(float, probability, "SGD momentum of every group"),
-    "weight_decay": Field(float, non_negative, "weight decay of the network weights"),
-    "grad_clip": Field(float, non_negative, "gradient-norm clip of the network weights (0 = off)"),
-    "alpha_lr": Field(float, non_negative, "learning rate of the op scores alpha"),
-    "beta_lr": Field(float, non_negative, "learning rate of the filter scores beta"),
-    "threshold_lr": Field(float, non_negative, "learning rate of t_op, t_k and preprocess thresholds"),
-    "weight_threshold_lr": Field(float, non_negative, "learning rate of the weight thresholds t_w"),
-    "lambda0": Field(float, positive, "first increment of the adaptive lambda"),
-    "lambda_c0": Field(float, in_range(1, low_open=True), "growth/shrink factor of lambda (> 1)"),
-    "lambda_n": Field(int, positive, "n of the lambda rule: >= 4n pruned backs off, < 2n pushes"),
-    "lambda_cap": Field(float, positive, "upper bound of lambda"),
-    "warmup_epochs": Field(int, non_negative, "weight-only epochs at each stage start"),
-    "first_commit_after": Field(int, positive, "pruning epochs of a phase before its first mask commit"),
-    "commit_every": Field(int, positive, "epochs between mask commits after the first"),
-    "stage_size_ratio": Field(float, fraction, "a stage ends below ratio x its starting size"),
-    "max_stage_epochs": Field(int, positive, "cap on the pruning epochs of a stage"),
-    "final_size_floor": Field(int, non_negative, "the final phase ends below this size proxy"),
-    "final_max_epochs": Field(int, positive, "cap on the epochs of the final phase"),
-    "budget_commits": Field(bool, None, "final phase: partial commits that land a record just below each "
-                            "export target (False: plain commits to the floor, as the released code)"),
-    "budget_window": Field(float, in_range(0, 1, low_open=True), "a target's record aims at "
-                           "[budget_window x target, target]"),
-    "regrow_fraction": Field(float, in_range(0, 1), "share of a stage's pruned ops regrown after stages 2, 3"),
-    "bilevel": Field(bool, None, "first-order bilevel variant (arch steps on the validation split)"),
-    "filter_level": Field(bool, None, "search filters (False: operation level only)"),
-    "weight_level": Field(bool, None, "search individual weights"),
-    "eval_records": Field(bool, None, "validation accuracy of every final-phase record"),
-    "impl": Field(str, one_of(*IMPLS), "depthwise conv formulation"),
-    "remat": Field(bool, None, "rematerialise cells (per-edge programs: edges) in the backward pass"),
-    "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)"),
+    "val_size": Field(int, non_negative, "training examples held out as validation while searching "
+                      "(final-phase records report it)", default=5000),
+    "train_fraction": Field(float, fraction, "class-balanced share of the training split searched on "
+                            "(ImageNet: 0.1)", default=1.0),
+    "autoaugment": Field(bool, None, "AutoAugment (CIFAR policy) while searching", default=True),
+    "init_channels": Field(int, positive, "C of the super-net (the authors searched at the evaluation size: "
+                           "small = 8 cells, C = 24; large = 14 cells, C = 44)", default=24),
+    "layers": Field(int, in_range(3), "cells of the super-net; 3 stages need L >= 3", default=8),
+    "steps": Field(int, in_range(1, 8), "intermediate nodes per cell (4: 14 edges)", default=4),
+    "stem_multiplier": Field(int, positive, "stem conv outputs stem_multiplier * C channels", default=3),
+    "batch_size": Field(int, positive, "GLOBAL search batch, split over all devices", default=96),
+    "eval_batch_size": Field(int, positive, "GLOBAL batch of the validation passes at final-phase commits",
+                             default=256),
+    "steps_per_epoch": Field(int, non_negative, "cap on steps per epoch (0 = full epoch)", default=0),
+    "lr": Field(float, positive, "SGD learning rate of the network weights (constant)", default=0.01),
+    "momentum": Field(float, probability, "SGD momentum of every group", default=0.9),
+    "weight_decay": Field(float, non_negative, "weight decay of the network weights only", default=3e-4),
+    "grad_clip": Field(float, non_negative, "global-norm clip of the network weights only (0 = off)",
+                       default=5.0),
+    "alpha_lr": Field(float, non_negative, "learning rate of the op scores alpha", default=1.0),
+    "beta_lr": Field(float, non_negative, "learning rate of the filter scores beta", default=1.0),
+    "threshold_lr": Field(float, non_negative, "learning rate of t_op, t_k and preprocess thresholds",
+                          default=0.1),
+    "weight_threshold_lr": Field(float, non_negative, "learning rate of the weight thresholds t_w",
+                                 default=0.001),
+    "lambda0": Field(float, positive, "first increment of the adaptive lambda (GOLD-NAS style, section 3)",
+                     default=1e-5),
+    "lambda_c0": Field(float, in_range(1, low_open=True), "growth/shrink factor of lambda (> 1)", default=2.0),
+    "lambda_n": Field(int, positive, "n of the lambda rule: > 4n ops pruned in a round backs off, < 2n pushes "
+                      "harder", default=12),
+    "lambda_cap": Field(float, positive, "upper bound of lambda", default=100.0),
+    "warmup_epochs": Field(int, non_negative, "weight-only epochs at the start of each stage and of the final "
+                           "phase", default=5),
+    "first_commit_after": Field(int, positive, "pruning epochs of a phase before its first commit of the live "
+                                "masks (the released code: 3, then every commit_every)", default=3),
+    "commit_every": Field(int, positive, "epochs between commits of the live masks after the first", default=2),
+    "stage_size_ratio": Field(float, fraction, "a stage ends when its size proxy < ratio x its size at the "
+                              "start", default=0.3),
+    "max_stage_epochs": Field(int, positive, "safety cap on the pruning epochs of a stage", default=100),
+    "final_size_floor": Field(int, non_negative, "the final phase ends below this size proxy, after "
+                              "final_max_epochs, or when no op can be pruned", default=100_000),
+    "final_max_epochs": Field(int, positive, "cap on the epochs of the final phase", default=200),
+    "budget_commits": Field(bool, None, "budget-true final phase (ours, README): a commit that would take the "
+                            "exported size below an export.target without a record commits only the units "
+                            "furthest below their thresholds, landing in [budget_window x target, target]; the "
+                            "phase ends once every target has its record. False: whole commits to the floor",
+                            default=True),
+    "budget_window": Field(float, in_range(0, 1, low_open=True), "a target's record aims at [budget_window x "
+                           "target, target]", default=0.9),
+    "regrow_fraction": Field(float, in_range(0, 1), "after stages 2 and 3: regrow floor(fraction x ops pruned "
+                             "in the stage)", default=0.2),
+    "bilevel": Field(bool, None, "first-order bilevel variant (arch steps on the validation split)",
+                     default=False),
+    "filter_level": Field(bool, None, "search filters (False: operation level only, a DARTS-like baseline)",
+                          default=True),
+    "weight_level": Field(bool, None, "search individual weights", default=True),
+    "eval_records": Field(bool, None, "validation accuracy of every final-phase record", default=True),
+    "impl": Field(str, one_of(*IMPLS), "depthwise conv formulation: auto (shift on CPU, lax elsewhere) | lax "
+                  "| shift", default="auto"),
+    "remat": Field(bool, None, "rematerialise cells (per-edge programs: edges) in the backward pass: less "
+                   "memory, more compute (on a CPU about a third of the memory for the same step time)",
+                   default=False),
+    "dtype": Field(str, one_of(*DTYPES), "compute dtype (parameters stay float32)", default="float32"),
     # the same computation either way (up to the order of float additions), so not in the config hash
-    "programs": Field(str, one_of("step", "cell", "edge"), "the search step as one XLA program or a chain "
-                      "of per-cell or per-edge programs (search.make_step)", semantic=False),
-    "keep_checkpoints": Field(int, positive, "search checkpoints kept", semantic=False),
-    "progress": Field(bool, None, "tqdm bar per epoch", semantic=False),
+    "programs": Field(str, one_of("auto", "step", "cell", "edge"), "the search step as one XLA program "
+                      "('step') or a chain of per-cell or per-edge programs; edges of the same structure and "
+                      "shapes share one, so a structure change compiles only new edges. 'auto': 'edge' on a "
+                      "CPU (measured: 40 s against 600 s to compile the 8-cell super-net, and a faster step), "
+                      "'step' on a GPU or TPU (search_step.resolve_programs says why; benchmarks/README.md 7, "
+                      "8, 10)", default="auto", semantic=False),
+    "keep_checkpoints": Field(int, positive, "search checkpoints kept (one per epoch)", default=3,
+                              semantic=False),
+    "progress": Field(bool, None, "tqdm bar per epoch", default=True, semantic=False),
     **_nan_policy_fields("every group's learning rate"),
 }
 
+# What mode=search writes and mode=retrain reads.
 SCHEMA["export"] = {
-    "targets": Field(tuple, positive_ints, "parameter budgets (non-zero, aux excluded) to export"),
+    "targets": Field(tuple, positive_ints, "parameter budgets (non-zero parameters of the derived network, "
+                     "auxiliary head excluded): for each, the first final-phase architecture at or below it "
+                     "is exported to workdir/search/export", default=(700_000, 500_000, 300_000)),
     "architecture": Field((str, type(None)), None,
                           "mode=retrain/evaluate: the exported architecture JSON (None: every export of "
-                          "the search in workdir/search/export)"),
+                          "the search in workdir/search/export, each retrained in workdir/retrain/<name>)",
+                          default=None),
 }
 
 
@@ -408,7 +482,8 @@ def _walk(config, schema: dict, path: str) -> None:
         if key not in keys:
             kind = "section" if isinstance(spec, dict) else "key"
             doc = "" if isinstance(spec, dict) else f" ({spec.doc})"
-            raise ConfigError(f"{dotted}: missing {kind}{doc}; add it to configs/default.py or to your config.")
+            raise ConfigError(f"{dotted}: missing {kind}{doc}; start your config from configs/default.py "
+                              f"(config_lib.load_config) or add it.")
         value = config[key]
         if isinstance(spec, dict):
             if not _is_section(value):
@@ -570,7 +645,8 @@ def config_hash(config, sections: Optional[Sequence[str]] = None) -> str:
 
 
 def describe(schema: Optional[dict] = None, path: str = "") -> str:
-    """One line per key: `dotted.key  type  doc`, for --help style listings."""
+    """One line per key, `dotted.key  type  = default  doc`: what `python -m mgas_jax.main --helpconfig`
+    prints."""
     schema = SCHEMA if schema is None else schema
     lines = []
     for key, spec in schema.items():
@@ -578,8 +654,32 @@ def describe(schema: Optional[dict] = None, path: str = "") -> str:
         if isinstance(spec, dict):
             lines.append(describe(spec, dotted))
         else:
-            lines.append(f"{dotted:32s} {type_name(spec.type):10s} {spec.doc}")
+            default = "" if spec.default is NO_DEFAULT else f"= {spec.default!r}"
+            lines.append(f"{dotted:32s} {type_name(spec.type):12s} {default:24s} {spec.doc}")
     return "\n".join(lines)
+
+
+def default_config(schema: Optional[dict] = None) -> ml_collections.ConfigDict:
+    """The config of every key's `Field.default`: what configs/default.py returns, and so where every
+    other config starts. A key without a default (and a section of such keys only) is left out: a
+    config must set it, and `validate` says so."""
+    schema = SCHEMA if schema is None else schema
+    config = ml_collections.ConfigDict()
+    for key, spec in schema.items():
+        if isinstance(spec, dict):
+            section = default_config(spec)
+            if section.keys():
+                config[key] = section
+            continue
+        if spec.default is NO_DEFAULT:
+            continue
+        types = [t for t in (spec.type if isinstance(spec.type, tuple) else (spec.type,)) if t is not type(None)]
+        if spec.default is None and len(types) == 1:
+            # a typed None, so that --config.<key>=<text> knows what to parse the text as
+            config[key] = config_dict.placeholder(types[0])
+        else:
+            config[key] = spec.default
+    return config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -587,10 +687,11 @@ def describe(schema: Optional[dict] = None, path: str = "") -> str:
 # are not semantic: setting them never invalidates a workdir's checkpoints.
 
 SCHEMA["evaluate"] = {
-    "throughput_batch_size": Field(int, positive, "GLOBAL batch of the throughput measurement (rounded up "
-                                                  "to a multiple of the device count)", semantic=False),
-    "throughput_warmup": Field(int, non_negative, "untimed forward passes before the throughput timing "
-                                                  "(compilation and caches)", semantic=False),
+    "throughput_batch_size": Field(int, positive, "GLOBAL batch of the throughput measurement: images/s of "
+                                   "the jit-compiled forward pass in inference mode (rounded up to a multiple "
+                                   "of the device count)", default=256, semantic=False),
+    "throughput_warmup": Field(int, non_negative, "untimed forward passes before the throughput timing (the "
+                               "first one compiles)", default=3, semantic=False),
     "throughput_steps": Field(int, non_negative, "timed forward passes (0 = no throughput measurement)",
-                              semantic=False),
+                              default=20, semantic=False),
 }

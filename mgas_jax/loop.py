@@ -18,9 +18,9 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 import jax
-import tqdm
 
 from mgas_jax import checkpoint as checkpoint_lib
+from mgas_jax import metrics as metrics_lib
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ def run_epoch(state, step: Callable, batches: Iterable, *, start: int, total: in
     Returns:
       EpochRun; the loop ends at the first window holding a step that was not finite.
     """
-    bar = tqdm.tqdm(total=total, initial=start, desc=desc, leave=False, disable=not show or jax.process_index() != 0)
+    bar = metrics_lib.progress_bar(total, desc, enabled=show, initial=start)  # log lines go above it
     done, window, end = [], [], start
     t0 = time.time()
     try:

@@ -4,6 +4,7 @@
     python -m mgas_jax.main --config=configs/cifar10.py --workdir=/tmp/c10 --config.train.epochs=3
 
 Running the same command again on the same workdir resumes from its latest checkpoint.
+`python -m mgas_jax.main --helpconfig` lists every config key with its type, default and doc.
 
 An error you can act on ends the run with its message alone (add --traceback to see where it was
 raised) and an exit status of its own; any other error shows its traceback (status 1):
@@ -107,6 +108,9 @@ def config_flag_problem(argv, error: BaseException) -> Optional[config_lib.Confi
 
 def parse_flags(argv):
     """absl's flag parsing, with the config's mistakes reported as a ConfigError (exit status 3)."""
+    if "--helpconfig" in argv:  # before the parser, which requires --config and --workdir
+        print(config_lib.describe())
+        sys.exit(0)
     problem = missing_config_file(argv)
     if problem is None:
         try:

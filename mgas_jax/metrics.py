@@ -29,41 +29,76 @@ def _plain(value):
 
 
 class JsonlWriter:
-    """Appends one JSON object per event to a file."""
+    """Appends one JSON object per event to a file (opened at the first write: a run that stops
+    before logging anything leaves the file as it was)."""
 
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = None
+
+    def _open(self):
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        return self._file
 
     def write(self, step: int, epoch: int, split: str, values: Mapping[str, float]) -> None:
         record = {"step": int(step), "epoch": int(epoch), "split": split}
         record.update({k: _plain(v) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        f = self._open()
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+    def events(self) -> list[dict]:
+        """Every event in the file so far ([] when there is none)."""
+        if self._file is not None:
+            self._file.flush()
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
 
     def truncate_after(self, step: int) -> None:
-        """Drops events after `step`: on resume, the interrupted epoch's lines are logged again."""
-        self._file.close()
-        with open(self.path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        """Drops events after `step`: on resume, the interrupted epoch's lines are logged again.
+
+        The file is rewritten only when it holds such lines, so resuming at its last line changes nothing.
+        """
+        events = self.events()
+        kept = [e for e in events if e["step"] <= step]
+        if len(kept) == len(events):
+            return
+        self.close()
         with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        self._file = open(self.path, "a", encoding="utf-8")
+            f.writelines(json.dumps(e) + "\n" for e in kept)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class TensorBoardWriter:
-    """Scalars to TensorBoard event files under `logdir`, tagged `<split>/<name>`."""
+    """Scalars to TensorBoard event files under `logdir`, tagged `<split>/<name>`.
+
+    The event file is created at the first write, so a run that logs nothing adds no file. After
+    `purge_after(step)` (a resumed run) the new file starts with a purge marker: TensorBoard then
+    hides the earlier files' events after `step`, which the resumed run logs again.
+    """
 
     def __init__(self, logdir: str):
-        import tensorboardX  # lazy: only process 0 writes events
-        self._writer = tensorboardX.SummaryWriter(logdir=logdir)
+        self.logdir = logdir
+        self._writer = None
+        self._purge_step = None
+
+    def purge_after(self, step: int) -> None:
+        self.close()  # the next event opens a new file that carries the marker
+        self._purge_step = int(step) + 1
 
     def write(self, step: int, epoch: int, split: str, values: Mapping[str, float]) -> None:
         del epoch
+        if self._writer is None:
+            import tensorboardX  # lazy: only process 0 writes events
+            self._writer = tensorboardX.SummaryWriter(logdir=self.logdir, purge_step=self._purge_step)
         for name, value in values.items():
             value = _plain(value)
             if isinstance(value, (int, float)):
@@ -71,7 +106,9 @@ class TensorBoardWriter:
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 class MetricWriter:
@@ -99,10 +136,41 @@ class MetricWriter:
         logging.info("[%s] epoch %d step %d: %s", split, epoch, step, text)
 
     def truncate_after(self, step: int) -> None:
+        """A resumed run: drops the JSON lines after `step` and hides TensorBoard's (see the writers)."""
         if self.enabled:
             self._jsonl.truncate_after(step)
+            self._tb.purge_after(step)
+
+    def logged(self, step: int, split: str) -> bool:
+        """Whether an event of `split` at `step` is in metrics.jsonl (False on other processes)."""
+        return self.enabled and any(e["step"] == step and e["split"] == split for e in self._jsonl.events())
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _route_logs_around_bars() -> None:
+    """Sends absl's console lines through tqdm.write, which clears the progress bars, writes the line
+    and draws the bars again below it: otherwise a log line starts where the bar's text ends and the
+    bar's next redraw (a carriage return) overwrites the line. Without a bar, tqdm.write writes the
+    line as it is. Idempotent."""
+    from tqdm.contrib import DummyTqdmFile
+
+    handler = logging.get_absl_handler().python_handler
+    stream = handler.stream
+    if not isinstance(stream, DummyTqdmFile):
+        handler.setStream(DummyTqdmFile(stream))
+
+
+def progress_bar(total: int, desc: str, *, enabled: bool, initial: int = 0):
+    """A tqdm bar (closed by the caller; `leave=False`) on process 0 when `enabled`, with absl's log
+    lines written above it instead of over it."""
+    import tqdm
+
+    enabled = enabled and jax.process_index() == 0
+    if enabled:
+        _route_logs_around_bars()
+    return tqdm.tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not enabled)
+

@@ -24,6 +24,7 @@ conv kernels in `masks` (same paths as their kernels). Drop-path draws from the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Sequence, Union
 
@@ -416,80 +417,48 @@ def count_params(params, masks=None, include_aux: bool = False) -> dict:
     return {"dense": dense, "nonzero": dense - zeroed}
 
 
-def conv_layers(spec: NetworkSpec, input_shape: Sequence[int]) -> list[tuple[tuple[str, ...], tuple[int, ...], int]]:
-    """Every conv and linear layer of one forward pass (auxiliary head excluded), derived from the spec.
+@functools.lru_cache(maxsize=64)
+def _layers(spec: NetworkSpec, example_shape: tuple[int, ...]) -> tuple[tuple[tuple[str, ...], tuple[int, ...], int], ...]:
+    layers = []
+
+    def record(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (ops_lib.Conv, nn.Dense)) \
+                and module.path[0] != "aux_head":
+            kernel = module.get_variable("params", names.KERNEL)
+            layers.append((tuple(module.path) + (names.KERNEL,), tuple(kernel.shape), int(np.prod(y.shape[1:-1]))))
+        return y
+
+    x = jax.ShapeDtypeStruct(example_shape, jnp.float32)
+    model = Network(dataclasses.replace(spec, impl="lax"))  # the same layers; the fastest to trace
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return tuple(layers)
+
+
+def conv_shapes(spec: NetworkSpec, input_shape: Sequence[int]) -> tuple[tuple[tuple[str, ...], tuple[int, ...], int], ...]:
+    """Every conv and linear layer of one forward pass of Network(spec) (auxiliary head excluded).
+
+    Read off the real modules: each `ops.Conv` and `nn.Dense` call of one abstract `init` (jax.eval_shape:
+    traced, not compiled) is recorded with its kernel and output shape (nn.intercept_methods). Cached by
+    (spec, input shape).
 
     Args:
       spec: the network.
       input_shape: (H, W, C) or (N, H, W, C); only the last three matter.
     Returns:
-      a list of (parameter path, kernel shape, output positions): the path is that of the kernel in
+      (parameter path, kernel shape, output positions) per layer: the path is that of the kernel in
       `params` (and `masks`), e.g. ('cell_0', 'op_0_1_sep_conv_3x3', 'sep', 'unit1', 'dw', 'kernel');
       the kernel shape is HWIO (depthwise (k, k, 1, C); linear (C_in, C_out)); positions = H_out * W_out
       (1 for the linear layer). Each kernel entry is used once per output position, so the layer's
       multiply-adds are prod(kernel shape) * positions.
     """
-    _, h, w, c_in = _example_shape(input_shape)
-    out = []
-
-    def add(path, shape, hw):
-        if min(shape) > 0:
-            out.append((tuple(path), tuple(shape), hw[0] * hw[1]))
-
-    hw = (h, w)
-    if spec.imagenet_stem:
-        c = spec.stem_channels
-        for k, (ci, co) in enumerate(((c_in, c // 2), (c // 2, c))):
-            hw = _down(hw, 2)
-            add(("stem0", f"conv{k}", "kernel"), (3, 3, ci, co), hw)
-        hw0, hw = hw, _down(hw, 2)  # s0 = stem0's output, s1 = stem1's
-        add(("stem1", "conv0", "kernel"), (3, 3, c, c), hw)
-        prev = [(c, hw0), (c, hw)]
-    else:
-        add(("stem", "conv0", "kernel"), (3, 3, c_in, spec.stem_channels), hw)
-        prev = [(spec.stem_channels, hw), (spec.stem_channels, hw)]
-    reduction_prev = spec.imagenet_stem
-    for i, cell in enumerate(spec.cells):
-        name, width = f"cell_{i}", cell.width
-        (c0, hw0), (c1, hw1) = prev
-        if reduction_prev:
-            n1, n2 = ops_lib.factorized_halves(cell.pre0_index, width)
-            add((name, "pre0", "fr", "conv1", "kernel"), (1, 1, c0, n1), _down(hw0, 2))
-            add((name, "pre0", "fr", "conv2", "kernel"), (1, 1, c0, n2), _down(hw0, 2))
-        else:
-            n = width if cell.pre0_index is None else len(cell.pre0_index)
-            add((name, "pre0", "conv", "kernel"), (1, 1, c0, n), hw0)
-        n = width if cell.pre1_index is None else len(cell.pre1_index)
-        add((name, "pre1", "conv", "kernel"), (1, 1, c1, n), hw1)
-        node_hw = _down(hw1, 2 if cell.reduction else 1)
-        for o in cell.ops:
-            stride = 2 if cell.reduction and o.src < 2 else 1
-            in_hw = hw1 if o.src < 2 else node_hw
-            o_hw = _down(in_hw, stride)
-            base = (name, f"op_{o.node}_{o.src}_{o.op}")
-            n_out = width if o.out_index is None else len(o.out_index)
-            k = ops_lib.kernel_size(o.op)
-            if o.op.startswith("sep_conv"):
-                mid = width if o.mid is None else o.mid
-                add(base + ("sep", "unit1", "dw", "kernel"), (k, k, 1, width), o_hw)
-                add(base + ("sep", "unit1", "pw", "kernel"), (1, 1, width, mid), o_hw)
-                add(base + ("sep", "unit2", "dw", "kernel"), (k, k, 1, mid), o_hw)
-                add(base + ("sep", "unit2", "pw", "kernel"), (1, 1, mid, n_out), o_hw)
-            elif o.op.startswith("dil_conv"):
-                add(base + ("dil", "unit", "dw", "kernel"), (k, k, 1, width), o_hw)
-                add(base + ("dil", "unit", "pw", "kernel"), (1, 1, width, n_out), o_hw)
-            elif o.op == "skip_connect" and stride == 2:
-                n1, n2 = ops_lib.factorized_halves(o.out_index, width)
-                add(base + ("fr", "conv1", "kernel"), (1, 1, width, n1), o_hw)
-                add(base + ("fr", "conv2", "kernel"), (1, 1, width, n2), o_hw)
-        prev = [(c1, hw1), (cell.multiplier * width, node_hw)]
-        reduction_prev = cell.reduction
-    add(("classifier", "kernel"), (prev[1][0], spec.num_classes), (1, 1))
-    return out
+    return _layers(spec, (1,) + _example_shape(input_shape)[1:])
 
 
 def count_flops(spec: NetworkSpec, input_shape: Sequence[int], masks=None) -> int:
-    """Multiply-adds of one forward pass of one example, from the spec (no tracing).
+    """Multiply-adds of one forward pass of one example, counted on the real modules (`conv_shapes`).
 
     Counts convs (depthwise: k*k*C per output position) and the linear layer (C_in * classes); pools,
     BN, ReLU, additions and the auxiliary head are not counted. With `masks` (the `masks` collection or
@@ -503,7 +472,7 @@ def count_flops(spec: NetworkSpec, input_shape: Sequence[int], masks=None) -> in
     """
     flat = {} if masks is None else {p: m for p, m in _flatten(_collection(masks, "masks"))}
     total = 0
-    for path, shape, positions in conv_layers(spec, input_shape):
+    for path, shape, positions in conv_shapes(spec, input_shape):
         m = flat.get(path)
         if m is not None and tuple(m.shape) != shape:
             raise ValueError(f"mask {'/'.join(path)} has shape {tuple(m.shape)}, the layer's kernel is {shape}")

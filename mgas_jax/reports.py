@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mgas_jax import genotype as genotype_lib
 from mgas_jax import names
@@ -105,54 +106,76 @@ def _state_positions(steps: int) -> dict:
     return pos
 
 
-def draw_cell(cell: genotype_lib.CellSpec, path: str, title: str = "") -> str:
-    """Draws one cell as a layered graph into `path` (PNG).
+OPS_PER_LINE = 3  # op labels per line of the edge table
 
-    Nodes: the two cell inputs (with their preprocess widths), the intermediate nodes, the concatenated
-    output. Each op is its own arrow (an edge may carry several), labelled with op_label.
+
+def _state_name(state) -> str:
+    return {0: "c[k-2]", 1: "c[k-1]"}.get(state, f"node {state - 2}")
+
+
+def draw_cell(cell: genotype_lib.CellSpec, path: str, title: str = "") -> str:
+    """Draws one cell into `path` (PNG): its graph on the left, its ops edge by edge on the right.
+
+    The graph has the two cell inputs (with their preprocess widths), the intermediate nodes and the
+    concatenated output, one arrow per edge that kept ops (in the op's colour when it carries one,
+    black and thicker when several). The table lists every such edge with its ops, labelled by
+    op_label and coloured by op, OPS_PER_LINE to a line: a searched cell keeps up to 7 ops on an edge
+    and dozens in all, which as labels on arrows would cover each other. The figure grows with the
+    table's lines, so text keeps its size whatever the op count.
     """
     pos = _state_positions(cell.steps)
-    most = max([sum(1 for q in cell.ops if (q.src, q.node) == (o.src, o.node)) for o in cell.ops] or [1])
-    fig = Figure(figsize=(2.0 + 1.9 * (cell.steps + 1), 4.2 + 0.5 * max(0, most - 2)))
-    ax = fig.add_subplot()
-    ax.set_aspect("equal")
+    edges: dict = {}
+    for o in cell.ops:
+        edges.setdefault((o.src, o.node + 2), []).append(o)
+    order = sorted(edges, key=lambda e: (e[1], e[0]))
+    lines = sum(-(-len(edges[e]) // OPS_PER_LINE) for e in order)
+    line_h = 0.2  # inches per table line (7 pt text)
+    graph_w, table_w = 1.6 + 1.5 * (cell.steps + 1), 1.4 + 1.05 * OPS_PER_LINE
+    height = max(3.4, 0.9 + line_h * (lines + len(order) * 0.35))
+    fig = Figure(figsize=(graph_w + table_w, height))
+    ax = fig.add_axes([0.0, 0.0, graph_w / (graph_w + table_w), 0.9])
     ax.axis("off")
     pre = [cell.width if idx is None else len(idx) for idx in (cell.pre0_index, cell.pre1_index)]
     labels = {0: f"c[k-2]\npre0 {pre[0]}", 1: f"c[k-1]\npre1 {pre[1]}", "out": f"c[k]\n{cell.multiplier}x{cell.width}"}
     for j in range(cell.steps):
-        labels[j + 2] = str(j)
+        labels[j + 2] = f"node {j}"
     for state, (x, y) in pos.items():
         color = "#e8f0fe" if state in (0, 1) else "#fde9d9" if state == "out" else "#fff7cc"
         ax.text(x, y, labels[state], ha="center", va="center", fontsize=7, zorder=3,
                 bbox=dict(boxstyle="round,pad=0.35", fc=color, ec="black", lw=0.8))
-    edges: dict = {}
-    ys = [p[1] for p in pos.values()]
-    for o in cell.ops:
-        edges.setdefault((o.src, o.node + 2), []).append(o)
-    for (src, dst), ops_on_edge in edges.items():
+    for (src, dst) in order:
+        ops_on_edge = edges[(src, dst)]
         (x1, y1), (x2, y2) = pos[src], pos[dst]
         span = dst - max(src, 1)
-        base = 0.0 if span <= 1 else 0.18 * (1 if (src + dst) % 2 else -1)
-        n = len(ops_on_edge)
-        for k, o in enumerate(ops_on_edge):
-            rad = base + (k - (n - 1) / 2) * 0.22
-            ax.annotate("", xy=(x2, y2), xytext=(x1, y1), zorder=1,
-                        arrowprops=dict(arrowstyle="-|>", color=COLORS.get(o.op, "black"), lw=1.0,
-                                        connectionstyle=f"arc3,rad={rad}", shrinkA=13, shrinkB=13))
-            # midpoint of matplotlib's arc3 quadratic Bezier: the chord's middle + rad/2 x (dy, -dx)
-            lx, ly = (x1 + x2) / 2 + rad / 2 * (y2 - y1), (y1 + y2) / 2 - rad / 2 * (x2 - x1)
-            ys.append(ly)
-            ax.text(lx, ly, op_label(cell, o), fontsize=6.5, ha="center", va="center", color=COLORS.get(o.op, "black"),
-                    zorder=2, bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
-    for s in cell.concat:
-        (x1, y1), (x2, y2) = pos[s], pos["out"]
+        rad = 0.0 if span <= 1 else 0.25 * (1 if (src + dst) % 2 else -1)
+        color = COLORS.get(ops_on_edge[0].op, "black") if len(ops_on_edge) == 1 else "black"
+        ax.annotate("", xy=(x2, y2), xytext=(x1, y1), zorder=1,
+                    arrowprops=dict(arrowstyle="-|>", color=color, lw=0.8 + 0.35 * (len(ops_on_edge) - 1),
+                                    connectionstyle=f"arc3,rad={rad}", shrinkA=13, shrinkB=13))
+    for st in cell.concat:
+        (x1, y1), (x2, y2) = pos[st], pos["out"]
         ax.annotate("", xy=(x2, y2), xytext=(x1, y1), zorder=0,
                     arrowprops=dict(arrowstyle="-|>", color="#bbbbbb", lw=0.8, ls="--", shrinkA=10, shrinkB=13))
     xs = [p[0] for p in pos.values()]
     ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
-    ax.set_ylim(min(ys) - 0.5, max(ys) + 0.5)  # room for the most bent arcs of edges with many ops
+    ax.set_ylim(-1.9, 1.9)
+
+    table = fig.add_axes([graph_w / (graph_w + table_w), 0.0, table_w / (graph_w + table_w), 0.9])
+    table.axis("off")
+    table.set_xlim(0, table_w)
+    table.set_ylim(-(lines + len(order) * 0.35) * line_h, 0)
+    y = -0.5 * line_h
+    for (src, dst) in order:
+        ops_on_edge = edges[(src, dst)]
+        table.text(0.05, y, f"{_state_name(src)} \u2192 {dst - 2} ({len(ops_on_edge)})", fontsize=7,
+                   va="center", ha="left", fontweight="bold")
+        for k, o in enumerate(ops_on_edge):
+            row, col = divmod(k, OPS_PER_LINE)
+            table.text(1.4 + 1.05 * col, y - row * line_h, op_label(cell, o), fontsize=7, va="center", ha="left",
+                       color=COLORS.get(o.op, "black"))
+        y -= (-(-len(ops_on_edge) // OPS_PER_LINE) + 0.35) * line_h
     kind = "reduction" if cell.reduction else "normal"
-    ax.set_title(title or f"{kind} cell, width {cell.width}, {len(cell.ops)} ops", fontsize=9)
+    fig.suptitle(title or f"{kind} cell, width {cell.width}, {len(cell.ops)} ops", fontsize=9)
     return _save(fig, path)
 
 
@@ -246,6 +269,7 @@ def plot_search_records(records: Sequence[dict], path: str) -> Optional[str]:
     for label, y in series.items():
         ax.plot(x, y, marker="o", ms=3, label=label)
     ax.set_xlabel("search epoch (final-phase commits)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 6.5 ticks
     ax.set_ylabel("fraction kept")
     ax.set_ylim(0, 1.05)
     ax2 = ax.twinx()
@@ -320,6 +344,7 @@ def plot_search_curves(events: Sequence[dict], path: str) -> Optional[str]:
                 ax.text(e["step"] - 0.4, 1.0, "final" if last == 4 else f"stage {last}", fontsize=6,
                         transform=ax.get_xaxis_transform(), va="top")
         ax.set_xlabel("search epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax1.set_ylabel("loss")

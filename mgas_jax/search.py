@@ -387,12 +387,19 @@ def search(config, workdir: str) -> dict:
     s.writer.close()
     summary = export_lib.export_targets(os.path.join(workdir, "records"), progress.records,
                                         list(config.export.targets), os.path.join(workdir, "export"))
+    for target, entry in summary.items():
+        if "error" in entry:
+            entry["error"] = unreachable_target(cfg, progress, int(target))
     targets = target_summary(progress, summary, list(config.export.targets), cfg.budget_window)
     result = dict(summary=summary, targets=targets, epochs=progress.epoch, compiles=progress.compiles,
                   compile_seconds=round(progress.compile_seconds, 1), log=progress.log, records=progress.records)
     export_lib.write_json(os.path.join(workdir, "search_result.json"), result)
     if jax.process_index() == 0:
         print(targets_table(targets, config.seed), flush=True)
+    for target, entry in summary.items():  # last on the console: a budget the search missed is no quiet note
+        if "error" in entry and jax.process_index() == 0:
+            logging.warning("%s", entry["error"])
+            print(f"export.targets {target}: {entry['error']}", flush=True)
     return result
 
 
@@ -428,6 +435,35 @@ def targets_table(targets: dict, seed: int) -> str:
         lines.append(f"  {int(t):>9,}  {row['params_nonzero']:>9,}  {row['ratio']:.3f}  {acc}"
                      + (f"  ({row['why']})" if row.get("why") else ""))
     return "\n".join(lines)
+
+
+def unreachable_target(cfg, progress: Progress, target: int) -> str:
+    """Why no record fits `target` non-zero parameters, and the change that would let one.
+
+    The hint follows why the final phase ended (its last log line): the epoch cap, the size floor,
+    or nothing left to prune, where only a smaller super-net gives smaller records.
+    """
+    records = progress.records
+    if not records:
+        return (f"no architecture was recorded, so nothing fits {target:,} parameters; the final phase records "
+                f"one per commit: give it epochs (search.final_max_epochs = {cfg.final_max_epochs}, "
+                f"search.commit_every = {cfg.commit_every})")
+    smallest = min(r["params"]["nonzero"] for r in records)
+    ended = next((line.split(": ", 1)[1] for line in reversed(progress.log)
+                  if line.startswith("final phase ends: ")), "")
+    smaller_net = (f"search a smaller super-net (search.init_channels = {cfg.init_channels}, "
+                   f"search.layers = {cfg.layers})")
+    if "final_max_epochs" in ended:
+        hint = (f"raise search.final_max_epochs (now {cfg.final_max_epochs}) so the final phase prunes on, "
+                f"or {smaller_net}")
+    elif "floor" in ended and cfg.final_size_floor > 0:
+        hint = f"lower search.final_size_floor (now {cfg.final_size_floor}), or {smaller_net}"
+    else:  # every node is down to one op: the last record is as small as this super-net gets
+        hint = smaller_net
+    return (f"no recorded architecture has <= {target:,} non-zero parameters: the smallest of the "
+            f"{len(records)} records has {smallest:,} (final phase ended: {ended or 'unknown'}). To reach it, "
+            f"{hint}; or choose a target of at least {smallest:,} (export.targets; a rerun with new targets "
+            f"exports without searching again).")
 
 
 def start_stage(s: Searcher, state: SearchState, progress: Progress, all_cells) -> tuple[SearchState, Progress]:

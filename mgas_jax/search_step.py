@@ -8,7 +8,7 @@ regrowth around it are search.py's (docs/method.md sections 3-5).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
@@ -188,6 +188,24 @@ def _apply_grads(tx, state: SearchState, grads, batch_stats, metrics: dict,
     return new, metrics
 
 
+def resolve_programs(programs: str, backend: Optional[str] = None) -> str:
+    """The step form that `programs` names on `backend` (default: JAX's default backend).
+
+    'auto' is 'edge' on a CPU and 'step' elsewhere. On XLA's CPU backend the per-edge chain was
+    measured better on both counts (benchmarks/README.md sections 8-9: the 8-cell super-net's first
+    step compiles in ~40 s instead of ~600 s, and its step runs faster with remat than the one
+    program). On a GPU or TPU the one program is chosen because a chained step dispatches ~500 small
+    programs from Python per step (each paying launch and host overhead, with no fusion across
+    their boundaries), while the accelerator runs a whole step's kernels in a few milliseconds;
+    compile time there is a smaller share of a long search. That choice is reasoned, not yet
+    measured: benchmarks/device_check.sh times all three forms on a GPU.
+    """
+    if programs != "auto":
+        return programs
+    backend = jax.default_backend() if backend is None else backend
+    return "edge" if backend == "cpu" else "step"
+
+
 def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, data_cfg, mean, std,
               programs: str = "step"):
     """The pure search step for one structure: (state, batch, key, lam, scales) -> (state, metrics).
@@ -201,11 +219,12 @@ def make_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation, dat
     to float reassociation; a chain compiles in less time, and a part whose structure and shapes were
     compiled before (in this structure or an earlier one) is never compiled again.
     """
+    programs = resolve_programs(programs)
     if programs in CHAIN_PROGRAMS:
         return make_cell_step(spec, tx, data_cfg, mean, std, programs)
     if programs != "step":
-        raise ValueError(f"unknown step programs {programs!r}; choose 'step' (one program), 'cell' (per cell) "
-                         "or 'edge' (per edge)")
+        raise ValueError(f"unknown step programs {programs!r}; choose 'auto' (by backend), 'step' (one program), "
+                         "'cell' (per cell) or 'edge' (per edge)")
     loss_fn = make_loss(spec)
 
     def step(state: SearchState, batch, key, lam, scales: GroupScales):

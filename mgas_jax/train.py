@@ -517,7 +517,8 @@ def train_and_evaluate(config, workdir: str, *, spec: Optional[network.NetworkSp
         results["params"] = network.count_params(jax.device_get(state.params), jax.device_get(state.masks) or None)
         results.update(epochs=t.epochs, steps=int(state.step), rollbacks=pos["rollbacks"], config_hash=run_hash,
                        config=json.loads(json.dumps(config.to_dict(), default=_json_default)))
-        writer.write(int(state.step), t.epochs - 1, "test", results["test"])
+        if not writer.logged(int(state.step), "test"):  # a rerun of a finished run has logged it
+            writer.write(int(state.step), t.epochs - 1, "test", results["test"])
     _write_json(os.path.join(workdir, "results.json"), results, chief)
     logging.info("test top1 %.4f top5 %.4f loss %.4f; params %s", results["test"]["top1"],
                  results["test"]["top5"], results["test"]["loss"], results["params"])

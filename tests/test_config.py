@@ -1,5 +1,6 @@
 """Config validation: every config file validates; each kind of mistake raises ConfigError naming the key."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def test_int_is_a_float():
     ("data.train_fraction", 0.0, "must lie in (0, 1]"),
     ("train.lr", float("nan"), "must be a finite number"),
     ("model.layers", 2, "must be >= 3"),   # two reductions (L//3, 2L//3) need three cells
-    ("search.programs", "cells", "must be one of 'step', 'cell', 'edge' (did you mean 'cell'?)"),
+    ("search.programs", "cells", "must be one of 'auto', 'step', 'cell', 'edge' (did you mean 'cell'?)"),
 ])
 def test_impossible_values(dotted, value, fragment):
     assert_error(with_value(dotted, value), f"{dotted} = ", fragment)
@@ -192,10 +193,54 @@ def test_config_hash_ignores_non_semantic_keys():
         assert config_lib.config_hash(with_value(dotted, value)) != base, dotted
 
 
+def _fields(schema, path=""):
+    for key, spec in schema.items():
+        dotted = f"{path}.{key}" if path else key
+        if isinstance(spec, dict):
+            yield from _fields(spec, dotted)
+        else:
+            yield dotted, spec
+
+
 def test_describe_lists_every_key():
     text = config_lib.describe()
     for key in ("train.batch_size", "model.genotype", "data.autoaugment", "mode"):
         assert key in text
+    lines = {line.split()[0]: line for line in text.splitlines()}
+    for dotted, spec in _fields(config_lib.SCHEMA):
+        assert spec.doc and spec.doc in lines[dotted], dotted
+        assert f"= {spec.default!r}" in lines[dotted], dotted
+
+
+def test_helpconfig_prints_the_schema():
+    out = subprocess.run([sys.executable, "-m", "mgas_jax.main", "--helpconfig"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == config_lib.describe().strip()
+
+
+def test_config_files_load_to_their_frozen_values():
+    """configs/default.py is built from the schema's defaults; every config file keeps the values it had
+    when default.py spelled them out (tests/data/configs_frozen.json, taken before the move)."""
+    with open(os.path.join(ROOT, "tests", "data", "configs_frozen.json")) as f:
+        frozen = json.load(f)
+    assert set(frozen) == {os.path.basename(p)[:-3] for p in CONFIG_FILES}
+    for name, values in frozen.items():
+        config = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+        # json text, so that 1 and 1.0 differ
+        assert json.dumps(config.to_dict(), sort_keys=True) == json.dumps(values, sort_keys=True), name
+
+
+def test_default_config_is_the_schema_defaults():
+    config = default()
+    for dotted, spec in _fields(config_lib.SCHEMA):
+        section, _, key = dotted.rpartition(".")
+        value = config[section][key] if section else config[key]
+        assert value == spec.default and type(value) is type(spec.default), dotted
+    # optional keys stay typed, so that a --config.data.data_dir=<text> override parses as a str
+    config.data.data_dir = "/data"
+    with pytest.raises(TypeError):
+        config.data.data_dir = 3
 
 
 def test_main_rejects_a_bad_config_before_compute(tmp_path):

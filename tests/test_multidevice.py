@@ -23,6 +23,9 @@ import time
 import numpy as np
 import pytest
 
+# every test here starts processes that compile and run the tiny search or its steps
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 

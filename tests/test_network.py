@@ -74,29 +74,35 @@ def test_darts_v2_imagenet_param_count():
     assert set(variables["params"]["aux_head"]) == {"conv1", "bn1", "conv2", "classifier"}  # no BN after conv2
 
 
-@pytest.mark.parametrize("genotype, layers, input_shape, imagenet", [
-    ("DARTS_V2", 20, (32, 32, 3), False),
-    ("PC_DARTS", 5, (7, 9, 3), False),  # odd sizes: ceil at every stride 2
-    ("PDARTS", 4, (33, 30, 3), True),
-])
-def test_conv_layers_match_the_network(genotype, layers, input_shape, imagenet):
-    """The analytic layer list (used by count_flops) has the network's kernels and output sizes."""
-    net = N.build_network(genotype, init_channels=8, layers=layers, num_classes=10, auxiliary=True,
-                          imagenet_stem=imagenet)
-    x = jax.ShapeDtypeStruct((1,) + input_shape, jnp.float32)
-    variables = shapes_of(net.spec, x.shape)
-    _, inter = jax.eval_shape(
-        lambda v, x: net.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"]),
-        variables, x)
-    outputs = {p[:-1]: v[0].shape for p, v in flat(inter["intermediates"]).items() if hasattr(v[0], "shape")}
-    params = flat(variables["params"])
-    layers_ = N.conv_layers(net.spec, input_shape)
-    assert {p for p, _, _ in layers_} == {p for p in params if p[-1] == "kernel" and p[0] != "aux_head"}
-    for path, shape, positions in layers_:
-        assert params[path].shape == shape, path
-        out = outputs[path[:-1]]
-        assert int(np.prod(out[1:-1])) == positions, path
-        assert out[-1] == shape[-1], path  # output channels (depthwise: C)
+def test_conv_shapes_of_a_tiny_network_by_hand():
+    """conv_shapes reads every conv and linear layer off the real modules, with its output positions."""
+    ops_ = [G.OpSpec(0, 0, "sep_conv_3x3", mid=2, out_index=(1, 3)), G.OpSpec(0, 1, "dil_conv_5x5", out_index=(0,)),
+            G.OpSpec(0, 1, "max_pool_3x3")]
+    spec = one_cell_spec(ops_, pool_bn=True, masked=True, auxiliary=True)
+    sep, dil = ("cell_0", "op_0_0_sep_conv_3x3", "sep"), ("cell_0", "op_0_1_dil_conv_5x5", "dil", "unit")
+    want = {("stem", "conv0", "kernel"): ((3, 3, 3, 6), 64),
+            ("cell_0", "pre0", "conv", "kernel"): ((1, 1, 6, 4), 64),
+            ("cell_0", "pre1", "conv", "kernel"): ((1, 1, 6, 4), 64),
+            sep + ("unit1", "dw", "kernel"): ((3, 3, 1, 4), 64),   # depthwise on the cell width
+            sep + ("unit1", "pw", "kernel"): ((1, 1, 4, 2), 64),   # 4 -> mid 2
+            sep + ("unit2", "dw", "kernel"): ((3, 3, 1, 2), 64),
+            sep + ("unit2", "pw", "kernel"): ((1, 1, 2, 2), 64),   # mid 2 -> the 2 kept outputs
+            dil + ("dw", "kernel"): ((5, 5, 1, 4), 64),
+            dil + ("pw", "kernel"): ((1, 1, 4, 1), 64),
+            ("classifier", "kernel"): ((4, 10), 1)}              # the auxiliary head is not counted
+    assert {p: (k, n) for p, k, n in N.conv_shapes(spec, (8, 8, 3))} == want
+    flops = 64 * (162 + 24 + 24 + (36 + 8 + 18 + 4) + (100 + 4)) + 40
+    assert N.count_flops(spec, (8, 8, 3)) == flops == 24360
+    # masks: each zeroed weight saves its layer's output positions
+    masks = {p: np.ones(m.shape, np.float32) for p, m in flat(shapes_of(spec, (1, 8, 8, 3))["masks"]).items()}
+    masks[dil + ("dw", "kernel")].reshape(-1)[:7] = 0
+    masks[sep + ("unit2", "pw", "kernel")].reshape(-1)[:3] = 0
+    nested = flax.traverse_util.unflatten_dict(masks)
+    assert N.count_flops(spec, (8, 8, 3), nested) == flops - (7 + 3) * 64 == 23720
+    assert N.count_flops(spec, (8, 8, 3), {"masks": nested}) == 23720   # a variables dict too
+    # a reduction cell on an odd input: stride 2 gives ceil(7 / 2) = 4 rows and columns
+    spec = one_cell_spec([G.OpSpec(0, 0, "sep_conv_3x3")], reduction=True)
+    assert N.count_flops(spec, (7, 7, 3)) == 49 * (162 + 24 + 24) + 16 * (36 + 16 + 36 + 16) + 40 == 11994
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,7 +283,7 @@ def test_weight_masks_equal_zeroed_weights():
     assert counts["dense"] == N.count_params(variables)["dense"]
     assert counts["nonzero"] == counts["dense"] - zeros
     # multiply-adds drop by each zeroed weight times the output positions of its layer
-    positions = {p: n for p, _, n in N.conv_layers(net.spec, (8, 8, 3))}
+    positions = {p: n for p, _, n in N.conv_shapes(net.spec, (8, 8, 3))}
     drop = sum(int(m.size - m.sum()) * positions[p] for p, m in drawn.items())
     assert N.count_flops(net.spec, (8, 8, 3), masked) == N.count_flops(net.spec, (8, 8, 3)) - drop
 

@@ -60,6 +60,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_tiny_run_on_eight_devices(tmp_path):
     """Batch 16 over 8 devices (2 each), eval batch 128 with a padded last batch: the sharded path runs."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",

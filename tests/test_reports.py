@@ -1,5 +1,8 @@
 """mode=all end to end on configs/tiny.py (search -> retrain 1 epoch of 2 steps -> evaluate -> reports),
-mode=evaluate on an untrained export, and the report pieces on hand-made inputs."""
+mode=evaluate on an untrained export, and the report pieces on hand-made inputs.
+
+The mode=all run is the session's (conftest.py's `tiny_all`), on a copy of the session's finished search.
+"""
 import json
 import os
 import shutil
@@ -9,22 +12,9 @@ import pytest
 from matplotlib import image as mpimg
 
 from mgas_jax import config as config_lib
-from mgas_jax import evaluation, export, modes, reports
+from mgas_jax import evaluation, modes, reports
 from mgas_jax.genotype import CellSpec, OpSpec, cells_to_json
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.py")
-
-
-def tiny_config(mode="all"):
-    config = config_lib.load_config(TINY)
-    config.mode = mode
-    config.train.epochs = 1
-    config.train.steps_per_epoch = 2
-    config.evaluate.throughput_batch_size = 16
-    config.evaluate.throughput_warmup = 1
-    config.evaluate.throughput_steps = 2
-    return config
+from tiny_runs import short_config as tiny_config
 
 
 def assert_png(path):
@@ -34,39 +24,30 @@ def assert_png(path):
     assert img.std() > 0.01, f"{path} is blank"
 
 
-@pytest.fixture(scope="module")
-def everything(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("all")
-    validations = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config_lib, "validate", lambda config, **kw: validations.append(config.mode))
-        result = modes.run(tiny_config(), str(workdir))
-    return workdir, result, validations
-
-
-def test_mode_all_validates_its_config_once(everything):
+def test_mode_all_validates_its_config_once(tiny_all):
     """modes.run validates; the search, each retraining and training, and the evaluation it calls do not."""
-    assert everything[2] == ["all"]
+    workdir, _, validations = tiny_all
+    assert validations == ["all"]
     # each entry point called on its own still validates its config, once
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config_lib, "validate", lambda config, **kw: calls.append(1))
         with pytest.raises(FileNotFoundError):
-            evaluation.evaluate(tiny_config("evaluate"), str(everything[0] / "nothing_here"))
+            evaluation.evaluate(tiny_config("evaluate"), str(workdir / "nothing_here"))
         assert calls == [1]
         # and a config changed after the run's validation is checked again inside the run
         config = tiny_config("evaluate")
         with config_lib.validated(config):
             config.evaluate.throughput_steps = 3
             with pytest.raises(FileNotFoundError):
-                evaluation.evaluate(config, str(everything[0] / "nothing_here"))
+                evaluation.evaluate(config, str(workdir / "nothing_here"))
         assert calls == [1, 1, 1]
 
 
-def test_all_mode_end_to_end(everything):
-    workdir, result, _ = everything
+def test_all_mode_end_to_end(tiny_all):
+    workdir, result, _ = tiny_all
     # search
-    small = str(min(tiny_config().export.targets))  # below anything 3 tiny cells reach
+    small = str(min(tiny_config("all").export.targets))  # below anything 3 tiny cells reach
     assert "path" in result["search"]["100000"] and "error" in result["search"][small]
     assert os.path.isfile(workdir / "search" / "search_result.json")
     # retraining of the one reachable target, from scratch, with the short protocol
@@ -97,8 +78,8 @@ def test_all_mode_end_to_end(everything):
     assert os.path.isfile(workdir / "all_result.json")
 
 
-def test_evaluate_an_untrained_export(everything, tmp_path):
-    workdir, _, _ = everything
+def test_evaluate_an_untrained_export(tiny_all, tmp_path):
+    workdir, _, _ = tiny_all
     shutil.copytree(workdir / "search" / "export", tmp_path / "search" / "export")
     config = tiny_config("evaluate")
     result = modes.run(config, str(tmp_path))
@@ -162,3 +143,50 @@ def test_figures_and_summary_render(tmp_path):
     out = reports.write_reports(str(tmp_path / "empty"))
     text = open(out["summary"]).read()
     assert "no exported or retrained architecture" in text and "no search metrics" in text
+
+
+def overlapping_texts(fig):
+    """Pairs of visible, non-empty texts of `fig` whose drawn boxes intersect."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    return [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]
+
+
+def test_a_large_cell_stays_readable(tmp_path, monkeypatch):
+    """29 ops in a 4-node cell (issue 18): every label is drawn, no two texts cover each other, the
+    font keeps its size and the figure grows with the op count."""
+    import dataclasses
+
+    from mgas_jax import supernet
+
+    full = supernet.full_cells(16, 8, 4)[2]
+    keep = sorted(np.random.default_rng(0).choice(len(full.ops), 29, replace=False))
+    big = dataclasses.replace(full, ops=tuple(full.ops[i] for i in keep))
+    figures = []
+    monkeypatch.setattr(reports, "_save", lambda fig, path: figures.append(fig) or path)
+    reports.draw_cell(big, str(tmp_path / "big.png"))
+    reports.draw_cell(CELL, str(tmp_path / "small.png"))
+    fig, small = figures
+    labels = [t.get_text() for t in fig.texts] + [t.get_text() for ax in fig.axes for t in ax.texts]
+    for o in big.ops:
+        assert reports.op_label(big, o) in labels
+    assert overlapping_texts(fig) == []
+    assert min(t.get_fontsize() for ax in fig.axes for t in ax.texts) >= 7
+    assert fig.get_size_inches()[1] > small.get_size_inches()[1]
+    monkeypatch.undo()
+    assert_png(reports.draw_cell(big, str(tmp_path / "big.png")))
+
+
+def test_search_records_ticks_are_whole_epochs(tmp_path, monkeypatch):
+    records = [dict(epoch=e, counts=dict(ops=10 - e, filters=20, filters_total=40, weights=50, weights_total=99),
+                    params=dict(nonzero=1000 - 10 * e)) for e in (7, 8)]
+    figures = []
+    monkeypatch.setattr(reports, "_save", lambda fig, path: figures.append(fig) or path)
+    reports.plot_search_records(records, str(tmp_path / "r.png"))
+    ax = figures[0].axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -1,6 +1,7 @@
 """Retraining exported architectures (retrain.py), their evaluation, and the baselines (baselines.py).
 
-One tiny search (configs/tiny.py) per module; its 100k export is retrained for 1 epoch of 2 steps.
+The session's tiny search and its mode=all run (conftest.py: `searched`, `tiny_all`) give the 100k
+export and its retraining of 1 epoch of 2 steps.
 Covers: pruned weights are exactly zero after retraining (read back from the checkpoint) and the
 checkpoint's masks are the export's; the rebuilt network has exactly the recorded parameter counts (every
 final-phase record), and a record that disagrees is refused naming both; a rerun resumes to the same
@@ -17,42 +18,23 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mgas_jax import baselines, evaluation, export, network, parallel, retrain, search
+from mgas_jax import baselines, evaluation, export, network, parallel, retrain
 from mgas_jax import config as config_lib
 from mgas_jax.genotype import CellSpec, OpSpec
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.py")
+from tiny_runs import short_config as tiny_config
 
 
-def tiny_config():
-    config = config_lib.load_config(TINY)
-    config.train.epochs = 1
-    config.train.steps_per_epoch = 2
-    config.evaluate.throughput_batch_size = 16
-    config.evaluate.throughput_warmup = 1
-    config.evaluate.throughput_steps = 2
-    return config
+@pytest.fixture
+def retrained(tiny_all):
+    """(export path, retraining directory, its results.json) of mode=all's retraining."""
+    workdir = tiny_all[0]
+    run_dir = workdir / "retrain" / "arch_100000"
+    results = json.loads((run_dir / "results.json").read_text())
+    return results["architecture"]["path"], str(run_dir), results
 
 
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    result = search.search(tiny_config(), str(workdir / "search"))
-    assert "path" in result["summary"]["100000"], result["summary"]
-    return workdir, result
-
-
-@pytest.fixture(scope="module")
-def retrained(searched):
-    workdir, result = searched
-    path = result["summary"]["100000"]["path"]
-    run_dir = str(workdir / "retrain" / "arch_100000")
-    return path, run_dir, retrain.retrain_architecture(tiny_config(), path, run_dir)
-
-
-def test_pruned_weights_stay_exactly_zero(searched, retrained):
-    workdir, _ = searched
+def test_pruned_weights_stay_exactly_zero(tiny_all, retrained):
+    workdir = tiny_all[0]
     path, run_dir, results = retrained
     config = tiny_config()
     [model] = evaluation.find_models(config, str(workdir))
@@ -75,7 +57,7 @@ def test_pruned_weights_stay_exactly_zero(searched, retrained):
 
 
 def test_rebuilt_networks_have_the_recorded_parameter_counts(searched, retrained):
-    workdir, result = searched
+    _, result = searched
     config = tiny_config()
     assert result["records"]
     for rec in result["records"]:  # every final-phase commit, with and without the auxiliary head
@@ -109,17 +91,19 @@ def test_a_record_that_disagrees_is_refused_naming_both(searched, tmp_path):
     assert not (tmp_path / "retrain" / "checkpoints").exists()  # refused before any training
 
 
-def test_rerun_resumes_to_the_same_results(retrained):
+def test_rerun_resumes_to_the_same_results(retrained, tmp_path):
     path, run_dir, first = retrained
-    again = retrain.retrain_architecture(tiny_config(), path, run_dir)
+    rerun = tmp_path / "arch_100000"   # a copy: the shared retraining stays as mode=all left it
+    shutil.copytree(run_dir, rerun)
+    again = retrain.retrain_architecture(tiny_config(), path, str(rerun))
     assert again["test"] == first["test"] and again["steps"] == first["steps"]
     assert again["flops"] == first["flops"] and again["params"] == first["params"]
 
 
-def test_a_moved_study_resumes_its_retrainings(searched, retrained, tmp_path):
+def test_a_moved_study_resumes_its_retrainings(tiny_all, retrained, tmp_path):
     """The copied record's "source" names where the export was; after the search and retraining
     directories move together, the same architecture from its new place resumes instead of being refused."""
-    workdir, _ = searched
+    workdir = tiny_all[0]
     path, run_dir, first = retrained
     moved = tmp_path / "moved"
     shutil.copytree(workdir, moved)
@@ -183,7 +167,7 @@ def test_flops_of_derived_cells_with_mid_and_out_index():
     shapes = jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)),
                                                                train=False))
     params = traverse_util.flatten_dict(shapes["params"])
-    for path, shape, _ in network.conv_layers(spec, (4, 4, 1)):
+    for path, shape, _ in network.conv_shapes(spec, (4, 4, 1)):
         assert params[path].shape == shape, path
 
     masks = {p: np.ones(v.shape, np.float32) for p, v in traverse_util.flatten_dict(shapes["masks"]).items()}

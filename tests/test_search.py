@@ -1,5 +1,10 @@
 """The MGAS search end to end on configs/tiny.py: all stages, regrowth, the final phase, exports,
-and exact resume after an interruption."""
+and exact resume after an interruption.
+
+Most tests read the session's one finished tiny search (conftest.py's `searched`); the interrupted
+searches run their own and end compared with it. The rules of the export files are tested on hand-made
+records in test_export.py.
+"""
 import json
 import os
 
@@ -7,27 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from mgas_jax import config as config_lib
-from mgas_jax import export, network, search
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.py")
-
-
-def tiny_search_config():
-    config = config_lib.load_config(TINY)
-    config.mode = "search"
-    return config
+from mgas_jax import search
+from tiny_runs import search_config as tiny_search_config
 
 
 def run(workdir, config=None):
     return search.search(config or tiny_search_config(), str(workdir))
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("search")
-    return workdir, run(workdir)
 
 
 def test_runs_every_stage_regrowth_and_final_phase(searched):
@@ -82,16 +72,6 @@ def test_summary_gives_each_target_its_size_and_accuracy_or_the_reason(searched)
     # the tiny super-net enters its final phase far below 100k: its record is below 0.9 x, and it says so
     assert big["params_nonzero"] < 90_000 and "already has" in big["why"] and "init_channels" in big["why"]
     assert targets["10"]["params_nonzero"] is None and targets["10"]["why"]
-
-
-def test_export_rebuilds_with_recorded_counts(searched):
-    workdir, result = searched
-    path = result["summary"]["100000"]["path"]
-    rec, spec, masks = export.load_architecture(path)
-    x = np.zeros((1,) + tuple(rec["input_shape"]), np.float32)
-    variables = jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), x, train=False))
-    counts = network.count_params(variables["params"], masks)
-    assert counts == rec["params"]
 
 
 def test_interrupted_search_resumes_to_the_same_result(searched, tmp_path, monkeypatch):
@@ -213,6 +193,7 @@ def test_non_finite_loss_stops_with_step_stage_and_no_checkpoint(tmp_path, monke
     assert ckpt_lib.Checkpointer(str(workdir / "checkpoints"), max_to_keep=3).latest_step() is None
 
 
+@pytest.mark.slow
 def test_rollback_policy_restores_the_last_checkpoint_with_lower_learning_rates(tmp_path, monkeypatch):
     from mgas_jax import checkpoint as ckpt_lib
 
@@ -240,51 +221,3 @@ def test_rollback_policy_restores_the_last_checkpoint_with_lower_learning_rates(
     ckpt.close()
     assert progress["lr_scale"] == 0.5 and progress["rollbacks"] == 1 and progress["epoch"] == 2
     assert any(line.startswith("rollback 1: non-finite loss or gradient in search epoch 1") for line in progress["log"])
-
-
-def test_exports_are_never_overwritten_and_masks_must_match(searched, tmp_path):
-    import shutil
-
-    _, result = searched
-    src = result["summary"]["100000"]["path"]
-    rec = json.load(open(src))
-    d = tmp_path / "exp"
-    d.mkdir()
-    shutil.copy(src, d / "a.json")
-    shutil.copy(os.path.join(os.path.dirname(src), rec["masks"]), d / rec["masks"])
-    export.load_architecture(str(d / "a.json"))  # a faithful copy loads
-    # another search's content at an existing export path is refused, the file stays
-    before = open(src, "rb").read()
-    with pytest.raises(export.ExportError, match="never overwritten"):
-        export.write_once(src, b"{}")
-    assert open(src, "rb").read() == before
-    # masks of the wrong shape (or missing) do not match the network
-    with np.load(d / rec["masks"]) as z:
-        masks = {k: z[k] for k in z.files}
-    key = sorted(masks)[0]
-    masks[key] = np.ones(masks[key].shape[:-1] + (masks[key].shape[-1] + 1,), np.uint8)
-    np.savez(d / rec["masks"], **masks)
-    with pytest.raises(export.ExportError, match="wrong shape"):
-        export.load_architecture(str(d / "a.json"))
-    del masks[key]
-    np.savez(d / rec["masks"], **masks)
-    with pytest.raises(export.ExportError, match="no mask for"):
-        export.load_architecture(str(d / "a.json"))
-    (d / "b.json").write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(export.ExportError, match="not an MGAS architecture"):
-        export.load_architecture(str(d / "b.json"))
-
-
-def test_a_moved_search_workdir_still_exports(searched, tmp_path):
-    """Records store absolute paths; exporting reads them from the records directory it is given."""
-    import shutil
-
-    workdir, result = searched
-    moved = tmp_path / "moved_records"
-    shutil.copytree(workdir / "records", moved)
-    records = [dict(r, path=os.path.join("/nonexistent/old/workdir/records", os.path.basename(r["path"])))
-               for r in result["records"]]
-    summary = export.export_targets(str(moved), records, [100_000], str(tmp_path / "export"))
-    assert summary["100000"]["params"] == result["summary"]["100000"]["params"]
-    with open(summary["100000"]["path"]) as f, open(result["summary"]["100000"]["path"]) as g:
-        assert json.load(f)["cells"] == json.load(g)["cells"]

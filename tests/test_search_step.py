@@ -108,3 +108,19 @@ def test_alpha_momentum_is_the_alpha_groups_trace():
     np.testing.assert_array_equal(momentum, np.asarray(grads["arch"]["cell_0"]["alpha"]))   # 1st step: trace = grad
     direct = opt_state.inner_states["alpha"].inner_state[0].trace["arch"]["cell_0"]["alpha"]
     np.testing.assert_array_equal(momentum, np.asarray(direct))
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "edge"), ("gpu", "step"), ("tpu", "step")])
+def test_auto_programs_follow_the_backend(backend, expected):
+    assert search_step.resolve_programs("auto", backend) == expected
+    for explicit in ("step", "cell", "edge"):
+        assert search_step.resolve_programs(explicit, backend) == explicit
+
+
+def test_auto_programs_on_this_cpu_build_the_per_edge_chain(monkeypatch):
+    """make_step resolves 'auto' itself: on the CPU it builds the chain with per-edge programs."""
+    seen = []
+    monkeypatch.setattr(search_step, "make_cell_step", lambda *args: seen.append(args[-1]) or "chain")
+    assert jax.default_backend() == "cpu"
+    assert search_step.make_step(None, None, None, None, None, "auto") == "chain"
+    assert seen == ["edge"]

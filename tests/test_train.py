@@ -62,6 +62,7 @@ def uninterrupted(tmp_path_factory):
     return workdir, train.train_and_evaluate(tiny(), workdir)
 
 
+@pytest.mark.slow
 def test_cli_run_writes_everything(tmp_path, compilation_cache):
     workdir = tmp_path / "cli"
     # The same cache: this run compiles what the in-process runs below then load.
@@ -89,6 +90,7 @@ def test_cli_run_writes_everything(tmp_path, compilation_cache):
     assert "test top1" in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_keeps_compiled_programs_for_the_next_run(tmp_path):
     """Without a JAX cache setting, the CLI caches in <workdir>/xla_cache; a second run pointed at that
     cache (config.compilation_cache_dir) loads every program from it and compiles none."""
@@ -122,6 +124,7 @@ def test_cli_keeps_compiled_programs_for_the_next_run(tmp_path):
     assert not (tmp_path / "third" / "xla_cache").exists() and not (tmp_path / "env_cache").exists()
 
 
+@pytest.mark.slow
 def test_uninterrupted_run(uninterrupted):
     workdir, results = uninterrupted
     assert results["steps"] == 6 and results["epochs"] == 2
@@ -145,6 +148,7 @@ def interrupt_after_epoch_1(epoch, state):
         raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_numbers(uninterrupted, tmp_path):
     _, expected = uninterrupted
     workdir = str(tmp_path / "resumed")
@@ -182,6 +186,7 @@ def steps_calling(monkeypatch, action):
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_sigterm_checkpoints_inside_an_epoch_and_resumes(uninterrupted, tmp_path, monkeypatch, signame):
     """A real SIGTERM (or Ctrl-C) in the 2nd step of epoch 2: checkpoint at that step, clean exit, exact resume."""
@@ -224,6 +229,7 @@ def poison_params(n_from, n_to=None):
     return action
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_names_the_step_and_saves_nothing(uninterrupted, tmp_path, monkeypatch):
     _, expected = uninterrupted
     workdir = str(tmp_path / "nan")
@@ -244,6 +250,7 @@ def test_non_finite_loss_stops_names_the_step_and_saves_nothing(uninterrupted, t
     assert results["test"] == expected["test"] and results["rollbacks"] == 0
 
 
+@pytest.mark.slow
 def test_rollback_policy_restores_the_checkpoint_and_lowers_the_learning_rate(tmp_path, monkeypatch):
     workdir = str(tmp_path / "rollback")
     calls = steps_calling(monkeypatch, poison_params(5, 5))   # one bad step, in epoch 2
@@ -263,12 +270,14 @@ def test_rollback_policy_restores_the_checkpoint_and_lowers_the_learning_rate(tm
     assert lines[2]["lr"] == pytest.approx(float(schedule(2)))
 
 
+@pytest.mark.slow
 def test_rollback_gives_up_after_max_rollbacks(tmp_path, monkeypatch):
     steps_calling(monkeypatch, poison_params(5))   # every step from the 5th on is bad
     with pytest.raises(FloatingPointError, match="train.max_rollbacks rollbacks did not help"):
         train.train_and_evaluate(tiny(nan_policy="rollback", max_rollbacks=2), str(tmp_path / "hopeless"))
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_ignored_on_resume(uninterrupted, tmp_path):
     """What a kill during orbax's write leaves (a temporary directory) is not taken for a checkpoint."""
     _, expected = uninterrupted
@@ -286,6 +295,7 @@ def test_half_written_checkpoint_is_ignored_on_resume(uninterrupted, tmp_path):
     assert results["test"] == expected["test"] and results["steps"] == 6
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume(uninterrupted, tmp_path, compilation_cache):
     """SIGKILL the CLI as soon as its first checkpoint write begins, and again later; reruns finish
     with the uninterrupted numbers."""
@@ -313,6 +323,7 @@ def test_sigkill_at_any_moment_then_resume(uninterrupted, tmp_path, compilation_
     assert results["steps"] == 6
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused(uninterrupted):
     workdir, _ = uninterrupted
     config = tiny(lr=0.1)
@@ -342,6 +353,7 @@ def pruned_values(params, masks):
     return np.concatenate([np.asarray(flat_p[k])[np.asarray(m) == 0] for k, m in flat_m.items()])
 
 
+@pytest.mark.slow
 def test_masked_weights_stay_exactly_zero(tmp_path):
     config = tiny(weight_decay=0.1)  # strong decay: it would move any pruned weight that were not zero
     spec, masks, _ = masked_spec_and_masks(config)

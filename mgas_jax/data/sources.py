@@ -344,7 +344,9 @@ def _open_tfds(tfds_name: str, split: str, data_dir: str | None):
     # split dict (KeyError) or the default TFRECORD format (NotImplementedError, also raised
     # for data prepared as tfrecord), missing shards an OSError.
     except (KeyError, NotImplementedError, OSError) as e:
-        raise DataNotFoundError(_not_prepared_message(tfds_name, data_dir, e)) from e
+        # Not chained: tfds's NotImplementedError claims the set "is already prepared"; what is true of
+        # it (a missing shard or split) is in the message.
+        raise DataNotFoundError(_not_prepared_message(tfds_name, data_dir, e)) from None
 
 
 def _record_parts(record: dict, where: str) -> tuple[np.ndarray, int]:
