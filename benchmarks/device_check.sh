@@ -8,9 +8,9 @@
 #   C 36, 20 cells, batch 96, 32x32, against ../shared/bench/torch_darts_network.py, and the
 #   MGAS-shaped network (per-op widths, weight masks); train and eval steps; float32, then bfloat16
 #   (ours only: the reference runs float32);
-# - the search step (benchmarks/bench_search_step.py) at the authors' search size: the unpruned
-#   8-cell super-net, C 16, batch 32 (the yardstick's default), with search.programs = step / cell /
-#   edge, float32 and bfloat16; the PyTorch yardstick once.
+# - the search step (benchmarks/bench_search_step.py) at the authors' small search size: the unpruned
+#   8-cell super-net, C 24, batch 96, with search.programs = step / cell / edge, float32 and
+#   bfloat16; the PyTorch yardstick once.
 #
 # Every command has its own time limit (they add up to 470 s), so one slow compile cannot eat the
 # others' time; a command that fails or times out is recorded with its exit code and output tail,
@@ -28,7 +28,7 @@ if [[ "${SMALL:-0}" == 1 ]]; then
   SEARCH="--batch 4 --channels 4 --layers 3 --image 16 --steps 2"
 else
   TRAIN="--batch 96 --channels 36 --layers 20 --steps 5"
-  SEARCH="--batch 32 --channels 16 --layers 8 --steps 5"
+  SEARCH="--batch 96 --channels 24 --layers 8 --steps 5"
 fi
 
 run() {  # run NAME SECONDS COMMAND...: output to $LOG/NAME.txt, exit code to $LOG/NAME.rc
