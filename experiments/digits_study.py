@@ -82,25 +82,30 @@ DEFAULT_BUDGETS = ("10000", "5000", "2500")
 OUTPUTS = ("study.json", "study.md", "accuracy_vs_params.png")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "digits.py"),
-                                "Config file (configs/*.py); its search.* and train.* drive the study.",
-                                lock_config=True)
-flags.DEFINE_string("out", None, "Output directory (resumable).")
-flags.DEFINE_string("docs", None, "Also copy study.json, study.md and the plot into this directory.")
-flags.DEFINE_list("seeds", ["0"], "Seeds; each runs every method on every fold (search and retraining seeds).")
-flags.DEFINE_integer("folds", 5, "k of the stratified k-fold split of digits (0: the fixed 80/20 split).")
-flags.DEFINE_list("fold_list", [], "Run only these folds (default all); for splitting a study into jobs.")
-flags.DEFINE_integer("repeats", 1, "Repetitions of the k-fold split (each a new assignment of images to folds).")
-flags.DEFINE_list("budgets", list(DEFAULT_BUDGETS), "Non-zero parameter budgets (the searches' export.targets).")
-flags.DEFINE_list("methods", list(METHODS), f"Subset of {', '.join(METHODS)} (fixed_ratio and random need mgas).")
-flags.DEFINE_float("search_epochs_scale", 1.0,
-                   "Scales search.warmup_epochs, max_stage_epochs and final_max_epochs (at least 1 each).")
-flags.DEFINE_bool("dry_run", False, "List the runs and their estimated cost; run nothing.")
-flags.DEFINE_float("search_minutes", 3.0, "--dry_run: minutes per search on this machine (measure it).")
-flags.DEFINE_float("retrain_minutes", 1.5, "--dry_run: minutes per retraining on this machine (measure it).")
-flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples of each interval.")
-flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap resampling.")
-flags.mark_flags_as_required(["out"])
+
+
+def define_flags() -> None:
+    """The study's command-line flags, defined when it runs as a script: importing the module (the tests
+    do) must not register flags such as --config, which mgas_jax.main defines too."""
+    config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "digits.py"),
+                                    "Config file (configs/*.py); its search.* and train.* drive the study.",
+                                    lock_config=True)
+    flags.DEFINE_string("out", None, "Output directory (resumable).")
+    flags.DEFINE_string("docs", None, "Also copy study.json, study.md and the plot into this directory.")
+    flags.DEFINE_list("seeds", ["0"], "Seeds; each runs every method on every fold (search and retraining seeds).")
+    flags.DEFINE_integer("folds", 5, "k of the stratified k-fold split of digits (0: the fixed 80/20 split).")
+    flags.DEFINE_list("fold_list", [], "Run only these folds (default all); for splitting a study into jobs.")
+    flags.DEFINE_integer("repeats", 1, "Repetitions of the k-fold split (each a new assignment of images to folds).")
+    flags.DEFINE_list("budgets", list(DEFAULT_BUDGETS), "Non-zero parameter budgets (the searches' export.targets).")
+    flags.DEFINE_list("methods", list(METHODS), f"Subset of {', '.join(METHODS)} (fixed_ratio and random need mgas).")
+    flags.DEFINE_float("search_epochs_scale", 1.0,
+                       "Scales search.warmup_epochs, max_stage_epochs and final_max_epochs (at least 1 each).")
+    flags.DEFINE_bool("dry_run", False, "List the runs and their estimated cost; run nothing.")
+    flags.DEFINE_float("search_minutes", 3.0, "--dry_run: minutes per search on this machine (measure it).")
+    flags.DEFINE_float("retrain_minutes", 1.5, "--dry_run: minutes per retraining on this machine (measure it).")
+    flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples of each interval.")
+    flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap resampling.")
+    flags.mark_flags_as_required(["out"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,4 +444,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

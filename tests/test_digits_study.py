@@ -17,6 +17,9 @@ SCRIPT = os.path.join(ROOT, "experiments", "digits_study.py")
 
 @pytest.fixture(scope="module")
 def study():
+    # mgas_jax.main defines absl's --config in this process (tests/test_main.py imports it too): the
+    # study must still import, its own flags being defined only when it runs as a script
+    from mgas_jax import main  # noqa: F401
     spec = importlib.util.spec_from_file_location("digits_study", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
