@@ -59,7 +59,14 @@ def exit_code(error: BaseException) -> Optional[int]:
 
 def _stop(error: BaseException) -> None:
     print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
-    sys.exit(exit_code(error))
+    if isinstance(error, checkpoint.Preempted):
+        sys.exit(exit_code(error))   # a normal exit: nothing may cut short what the stop just saved
+    # The message must stay the last thing printed: at interpreter exit, orbax's and tensorstore's
+    # background threads and event loops can still print "Event loop is closed" or "sys.meta_path is
+    # None" after it. These errors stop the run before it writes anything, so skipping that teardown
+    # loses nothing.
+    sys.stdout.flush()
+    os._exit(exit_code(error))
 
 
 def _flag_value(argv, name: str) -> Optional[str]:
