@@ -1,7 +1,7 @@
 """Budget-true final phase: commits that land the exported size just below each target (our design).
 
 The released code's final phase prunes to a floor and leaves the choice of a network to the user
-(mgas-method.md section 7, "Targets"). Here the final phase knows `export.targets`: when the next
+(docs/method.md section 7, "Targets"). Here the final phase knows `export.targets`: when the next
 commit would take the size below a target that has no record yet, only part of it is committed, as
 many of the units it would switch off as bring the size to just below the target; that state is
 recorded and the search goes on from it (the other units stay uncommitted, and are committed at a

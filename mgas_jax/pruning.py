@@ -40,7 +40,7 @@ def lambda_start(lambda0: float) -> LambdaState:
 
 def lambda_update(s: LambdaState, pruned: int, *, lambda0: float, c0: float, n: int,
                   mean_ce: float, mean_reg: float, cap_factor: float = 1.0, cap: float = 100.0) -> LambdaState:
-    """One update after a commit that pruned `pruned` ops (mgas-method.md sections 3 and 7).
+    """One update after a commit that pruned `pruned` ops (docs/method.md sections 3 and 7).
 
     The bound: when the epoch's mean CE is below cap_factor * mean(lambda * R_op), lambda is capped at
     its current value (cap_factor is 0.5 in the final phase), otherwise at `cap`.
@@ -352,7 +352,7 @@ def alpha_key(cell_idx: int, o: OpSpec) -> str:
 
 def pruned_alphas(arch: dict, removed: list) -> dict:
     """{alpha_key: alpha} of ops about to be committed off, read before the commit pushes them to
-    REMOVED_ALPHA: what a regrown op gets back (mgas-method.md section 7)."""
+    REMOVED_ALPHA: what a regrown op gets back (docs/method.md section 7)."""
     return {alpha_key(i, o): float(np.asarray(arch[names.cell_name(i)]["alpha"])[o.edge, o.op_index]) for i, o in removed}
 
 

@@ -55,7 +55,7 @@ def param_labels(trainable: dict) -> dict:
 
 
 class GroupScales(NamedTuple):
-    """The factor of each parameter group's update in one step (mgas-method.md section 4).
+    """The factor of each parameter group's update in one step (docs/method.md section 4).
 
     0 freezes a group: its parameters and optimizer state stay bit for bit (warm-up trains the weights
     only; the bilevel variant alternates). 1 trains it; a factor below 1 lowers its learning rate
