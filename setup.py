@@ -27,7 +27,7 @@ setup(
         "matplotlib>=3.8",     # reports: cell drawings, sparsity and Pareto plots
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         "bench": ["torch==2.13.0"],
     },
 )

@@ -333,6 +333,12 @@ SCHEMA["search"] = {
     "final_size_floor": Field(int, non_negative, "the final phase ends below this size proxy, after "
                               "final_max_epochs, or when no op can be pruned", default=100_000),
     "final_max_epochs": Field(int, positive, "cap on the epochs of the final phase", default=200),
+    "final_rebuild": Field(bool, None, "final-phase commits take committed-off ops and channels out of the "
+                           "compiled network (the released code: steps get cheaper as it shrinks, each commit "
+                           "compiles a new step). False: they switch masks only, so the phase compiles its step "
+                           "once (compile-bound CPU runs); the records are the same physically pruned "
+                           "architectures, and the masked network computes what the pruned one does",
+                           default=True),
     "budget_commits": Field(bool, None, "budget-true final phase (ours, README): a commit that would take the "
                             "exported size below an export.target without a record commits only the units "
                             "furthest below their thresholds, landing in [budget_window x target, target]; the "

@@ -58,14 +58,26 @@ def exit_code(error: BaseException) -> Optional[int]:
 
 
 def _stop(error: BaseException) -> None:
-    print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    message = f"{type(error).__name__}: {error}\n"
     if isinstance(error, checkpoint.Preempted):
+        print(message, end="", file=sys.stderr, flush=True)
         sys.exit(exit_code(error))   # a normal exit: nothing may cut short what the stop just saved
-    # The message must stay the last thing printed: at interpreter exit, orbax's and tensorstore's
-    # background threads and event loops can still print "Event loop is closed" or "sys.meta_path is
-    # None" after it. These errors stop the run before it writes anything, so skipping that teardown
-    # loses nothing.
-    sys.stdout.flush()
+    # The message must stay the last thing printed. orbax's and tensorstore's background threads and
+    # event loops, shut down under them, can print tracebacks ("Event loop is closed", "sys.meta_path is
+    # None") at any moment from here to the end of the process, even while the message is written. So
+    # the message goes to a copy of the console's stderr, the process's own stdout and stderr go to
+    # /dev/null first, and the process ends without the interpreter's teardown. These errors stop the
+    # run before it writes anything, so skipping that teardown loses nothing.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    console = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.write(console, message.encode("utf-8", "replace"))
     os._exit(exit_code(error))
 
 

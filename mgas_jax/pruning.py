@@ -606,6 +606,16 @@ def reset_thresholds(arch: dict) -> dict:
     return jax.tree_util.tree_map_with_path(reset, to_numpy(arch))
 
 
+def thresholds_off(arch: dict) -> dict:
+    """Every threshold below every score (-1: sigma(.) > 0 and |w| >= 0), so that the live masks are all
+    on and the gates are the committed masks alone: the network a record exports, which a partial
+    (budget) commit leaves larger than the live one."""
+    def lower(path, x):
+        name = getattr(path[-1], "key", None)
+        return np.full_like(x, -1.0) if name in THRESHOLD_NAMES else x
+    return jax.tree_util.tree_map_with_path(lower, to_numpy(arch))
+
+
 def count_units(spec: SuperNetSpec, masks: dict) -> dict:
     """Committed units per granularity: ops, filters (conv outputs), weights (sep/dil kernels).
 

@@ -286,6 +286,11 @@ class Searcher:
         if step is None:
             return None
         meta = self.ckpt.meta(step)
+        if meta.get("progress", {}).get("phase") == "done" and \
+                _without_targets(meta.get("config", {})) == _without_targets(self.semantic):
+            # a finished search exports again for other targets: they steered its final phase
+            # (budget commits), but nothing of it runs again
+            meta = dict(meta, config_hash=self.config_hash)
         ckpt_lib.check_same_run(meta, self.config_hash, self.semantic, self.workdir)
         progress = Progress(**meta["progress"])
         spec = self.spec_of(progress)
@@ -294,6 +299,10 @@ class Searcher:
         logging.info("resumed the search at epoch %d (stage %s, %s)", progress.epoch,
                      _stage_name(progress.stage), progress.phase)
         return parallel.replicate(state, self.mesh), progress
+
+
+def _without_targets(identity: dict) -> dict:
+    return {k: v for k, v in identity.items() if k != "_export_targets"}
 
 
 def _restore_or_start(s: Searcher, all_cells) -> tuple[SearchState, Progress]:
@@ -527,14 +536,17 @@ def final_round(s: Searcher, spec, state: SearchState, progress: Progress, stats
     record, and whether the phase ends."""
     cfg = s.cfg
     result, target = budget_commit(s, spec, state, progress) if cfg.budget_commits else (None, None)
-    state, progress, _ = commit_round(s, spec, state, progress, stats, True, result)
-    state, progress = shrink_now(s, state, progress)
+    state, progress, _ = commit_round(s, spec, state, progress, stats, True, result, remove=cfg.final_rebuild)
+    if cfg.final_rebuild:
+        state, progress = shrink_now(s, state, progress)
     spec = s.spec_of(progress)
     rec = record_commit(s, spec, state, progress)
     if target is not None:
         _settle(progress, target, rec, cfg.budget_window)
-    size = pruning.size_proxy(spec, jax.device_get(state.masks))
-    prunable = any(len(c.ops_into(j)) > 1 for c in spec.cells for j in range(c.steps))  # all committed
+    masks = pruning.to_numpy(jax.device_get(state.masks))
+    size = pruning.size_proxy(spec, masks)
+    kept, _ = pruning.drop_committed_off(spec, dict(masks=masks))
+    prunable = any(len(c.ops_into(j)) > 1 for c in kept.cells for j in range(c.steps))  # all committed
     targets = [int(t) for t in s.config.export.targets]
     settled = cfg.budget_commits and all(str(t) in progress.targets for t in targets)
     if settled or not prunable or size < cfg.final_size_floor or progress.phase_epochs >= cfg.final_max_epochs:
@@ -628,14 +640,16 @@ def next_stage(progress: Progress, state: SearchState) -> tuple[SearchState, Pro
 
 
 def commit_round(s: Searcher, spec, state: SearchState, progress: Progress, stats: dict, final: bool,
-                 result: Optional[pruning.CommitResult] = None):
+                 result: Optional[pruning.CommitResult] = None, remove: Optional[bool] = None):
     """Commit live masks at all granularities (or apply `result`, a commit chosen by the caller),
     drop removed ops, update lambda."""
     cfg = s.cfg
     arch = jax.device_get(state.arch)
     # inside a stage a commit only flips mask values (same compiled step); in the final phase the
-    # committed-off ops leave the structure at once (and channels shrink, see final_round)
-    r = result or pruning.commit(spec, jax.device_get(state.params), arch, jax.device_get(state.masks), remove=final)
+    # committed-off ops leave the structure at once (and channels shrink, see final_round), unless
+    # search.final_rebuild is off
+    remove = final if remove is None else remove
+    r = result or pruning.commit(spec, jax.device_get(state.params), arch, jax.device_get(state.masks), remove=remove)
     progress.pruned_alpha.update(pruning.pruned_alphas(arch, r.removed))
     pruned = len(r.removed)
     progress.commits += 1
@@ -703,11 +717,20 @@ def regrow_stage(s: Searcher, state: SearchState, progress: Progress):
 
 
 def record_commit(s: Searcher, spec, state: SearchState, progress: Progress) -> dict:
-    """Write the architecture of this final-phase commit (JSON + weight masks) and remember its summary."""
-    masks = jax.device_get(state.masks)
-    val = s.evaluate(spec, state, s.ds.val) if s.cfg.eval_records else float("nan")
-    rec = export_lib.make_record(spec, masks, s.ds.image_shape, index=len(progress.records), epoch=progress.epoch,
-                                 config=s.semantic, seed=s.config.seed, val_accuracy=val,
+    """Write the architecture of this final-phase commit (JSON + weight masks) and remember its summary.
+
+    The record is the physically pruned network: ops committed off and channels that are not kept leave
+    it here when the state still holds them (search.final_rebuild = False); otherwise it is the state's."""
+    trees = {k: pruning.to_numpy(jax.device_get(getattr(state, k))) for k in ("params", "arch", "batch_stats", "masks")}
+    kept, trees = pruning.drop_committed_off(spec, trees)
+    pruned_spec, trees = pruning.shrink(kept, trees)
+    masks = trees["masks"]
+    # scored as exported: the committed masks alone (after a budget commit, units that are live-off but
+    # not committed stay in the record, and in the network scored here)
+    exported = state.replace(arch=parallel.replicate(pruning.thresholds_off(jax.device_get(state.arch)), s.mesh))
+    val = s.evaluate(spec, exported, s.ds.val) if s.cfg.eval_records else float("nan")
+    rec = export_lib.make_record(pruned_spec, masks, s.ds.image_shape, index=len(progress.records),
+                                 epoch=progress.epoch, config=s.semantic, seed=s.config.seed, val_accuracy=val,
                                  stem_channels=spec.stem_channels)
     path = export_lib.write_record(os.path.join(s.workdir, "records"), rec,
                                    export_lib.derived_masks(masks, rec, weight_level=spec.weight_level))

@@ -25,6 +25,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @pytest.fixture(scope="session")
+def compilation_cache_dir():
+    """This session's persistent compilation cache: a subprocess given it as JAX_COMPILATION_CACHE_DIR
+    (with the same XLA_FLAGS) loads the programs the tests compiled instead of compiling them again."""
+    return _cache
+
+
+@pytest.fixture(scope="session")
 def searched(tmp_path_factory):
     """(workdir, result) of the session's one finished tiny search (tiny_runs.search_config), in
     <tmp>/search as mode=all lays it out. Read it; copy it (shutil.copytree) before writing to it."""
@@ -52,9 +59,33 @@ def tiny_all(searched, tmp_path_factory):
     return workdir, result, validations
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one worker per core, as many as memory holds. A worker that compiles a
+    super-net step peaks near 6 GB; tests are compile-bound and XLA compiles on one thread, so two
+    workers on two cores take about half the time of one."""
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gb = 12.0
+    return max(1, min(os.cpu_count() or 1, int(memory_gb // 6)))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(items):
-    """A test that reads a shared tiny run pays for it when it runs alone: it belongs to the slow tier."""
+    """A test that reads a shared tiny run pays for it when it runs alone: it belongs to the slow tier.
+
+    Under pytest-xdist each worker is a session of its own, so a session or module fixture is made once
+    per worker that uses it. The tests of one shared run go to one worker (group "tiny"), and so do the
+    tests of one module that share a module fixture; the other tests spread one by one."""
     shared = {"searched", "tiny_all"}
     for item in items:
-        if shared & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if shared & fixtures:
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("tiny"))
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        module_fixtures = sorted(name for name, defs in (info.name2fixturedefs.items() if info else ())
+                                 if defs and defs[-1].scope == "module" and name in fixtures)
+        if module_fixtures:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ + ":" + "+".join(module_fixtures)))

@@ -77,6 +77,7 @@ def test_random_cells_are_valid_draws_of_the_space():
         baselines.random_cell(np.random.default_rng(0), full, 1)
 
 
+@pytest.mark.slow
 def test_random_export_has_the_target_count_and_rebuilds(source, tmp_path):
     src = json.load(open(source))
     target = src["params"]["nonzero"] - 700
@@ -100,6 +101,7 @@ def test_random_export_has_the_target_count_and_rebuilds(source, tmp_path):
     assert len({json.dumps(c) for c in (record["cells"], own["cells"], other["cells"])}) == 3
 
 
+@pytest.mark.slow
 def test_random_export_refuses_an_unreachable_target(source, tmp_path):
     with pytest.raises(export.ExportError, match="can be pruned to 50 non-zero"):
         baselines.random_export(source, str(tmp_path / "x"), seed=0, target=50, max_draws=20)

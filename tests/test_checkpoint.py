@@ -86,6 +86,34 @@ def test_a_damaged_checkpoint_is_reported_with_the_fix(tmp_path):
     ckpt.close()
 
 
+def test_pack_and_unpack_round_trip_every_dtype_in_leaf_order():
+    """pack holds one flat array per dtype; unpack cuts the leaves back out, shapes and dtypes as in
+    `like`, keys rewrapped."""
+    state = make_state(3)
+    tree = {"s": state, "i8": jnp.arange(6, dtype=jnp.int8).reshape(2, 3), "scalar": jnp.float32(2.5)}
+    packed = ckpt_lib.pack(tree)
+    assert set(packed) == {"int32", "float32", "uint32", "int8"}
+    assert all(a.ndim == 1 for a in packed.values())
+    assert packed["float32"].size == 6 + 4 + 1      # w, bias and the scalar
+    back = ckpt_lib.unpack(packed, {"s": make_state(0), "i8": jnp.zeros((2, 3), jnp.int8), "scalar": jnp.float32(0)})
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for a, b in zip(jax.tree.leaves(ckpt_lib.keys_to_data(back)), jax.tree.leaves(ckpt_lib.keys_to_data(tree))):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_state_of_another_layout_is_refused_naming_the_leaf(tmp_path):
+    """Restoring into a state whose leaves differ from the saved ones (another structure) is refused
+    with the first leaf that differs, not read into the wrong places."""
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2)
+    ckpt.save(5, make_state(5), {"epoch": 1})
+    ckpt.wait()
+    other = make_state(0).replace(params={"w": jnp.zeros((2, 3), jnp.float32), "b": {"bias": jnp.zeros(4)}})
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match=r"its layout is not the state's \(.*\['w'\]"):
+        ckpt.restore(5, other)
+    ckpt.close()
+
+
 def test_metadata_that_is_not_a_dict_is_reported(tmp_path):
     ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2)
     ckpt.save(1, make_state(1), [1, 2, 3])

@@ -11,27 +11,27 @@ import pytest
 from test_cli_train import EXIT_NOISE, cache, cli, last_lines, snapshot  # noqa: F401 (cache: a fixture)
 
 
-# the shortest search that still records: one epoch per stage and of the final phase, no regrowth epochs
-SEARCH = ("--config.mode=search", "--config.search.warmup_epochs=0", "--config.search.max_stage_epochs=1",
-          "--config.search.final_max_epochs=1", "--config.search.regrow_fraction=0.0",
-          "--config.search.eval_records=False")
+SEARCH = ("--config.mode=search",)   # configs/tiny.py as the shared search ran it (tiny_runs.search_config)
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, cache):
-    workdir = tmp_path_factory.mktemp("search") / "run"
+def rerun(searched, tmp_path_factory, cache):
+    """The CLI rerun on a copy of the session's finished tiny search (conftest.py): it resumes the
+    finished search and exports again, as a user's second run of the same command does."""
+    workdir = tmp_path_factory.mktemp("cli_search") / "run"
+    shutil.copytree(searched[0], workdir)
     out = cli(workdir, *SEARCH, cache=cache)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir, out
 
 
-def test_a_budget_below_every_record_is_said_last_with_a_fitting_hint(searched):
-    """tiny.py's targets are 100,000 (reachable) and 10 (below any network): the run exits 0 with the
-    export of 100,000, and its last line says why 10 has none and what to change; with
+def test_a_budget_below_every_record_is_said_last_with_a_fitting_hint(rerun):
+    """tiny.py's targets are 1,000 (reachable) and 10 (below any network): the run exits 0 with the
+    export of 1,000, and its last line says why 10 has none and what to change; with
     search.final_size_floor already 0 the hint does not name it."""
-    workdir, out = searched
+    workdir, out = rerun
     result = json.loads((workdir / "search_result.json").read_text())
-    assert "path" in result["summary"]["100000"]
+    assert "path" in result["summary"]["1000"]
     error = result["summary"]["10"]["error"]
     smallest = min(r["params"]["nonzero"] for r in result["records"])
     assert error.startswith(f"no recorded architecture has <= 10 non-zero parameters: the smallest of the "
@@ -40,7 +40,7 @@ def test_a_budget_below_every_record_is_said_last_with_a_fitting_hint(searched):
     assert "final_size_floor" not in error
     ended = next(line for line in result["log"] if line.startswith("final phase ends: "))
     if "final_max_epochs" in ended:
-        assert "raise search.final_max_epochs (now 1)" in error
+        assert "raise search.final_max_epochs (now 2)" in error  # configs/tiny.py's
     assert "search a smaller super-net (search.init_channels = 4, search.layers = 3)" in error
     assert last_lines(out.stdout, 1) == [f"export.targets 10: {error}"]
     assert error in "\n".join(last_lines(out.stderr, 2))

@@ -15,6 +15,9 @@ import sys
 
 import pytest
 
+# every test here runs the CLI in a subprocess (a tiny training, or its rerun)
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 # What orbax's and tensorstore's threads print when the interpreter exits under them.

@@ -212,6 +212,7 @@ def test_describe_lists_every_key():
         assert f"= {spec.default!r}" in lines[dotted], dotted
 
 
+@pytest.mark.slow
 def test_helpconfig_prints_the_schema():
     out = subprocess.run([sys.executable, "-m", "mgas_jax.main", "--helpconfig"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

@@ -120,6 +120,7 @@ def test_aggregate_on_hand_made_runs(study, tmp_path):
     assert saved["folds"] == 5 and saved["verdicts"] == result["verdicts"] and len(saved["runs"]) == len(runs)
 
 
+@pytest.mark.slow
 def test_dry_run_from_the_command_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, SCRIPT, f"--out={tmp_path / 's'}", "--dry_run", "--folds=2",

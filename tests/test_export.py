@@ -168,6 +168,7 @@ def test_masks_must_fit_the_network(records, tmp_path):
         export.load_architecture(str(tmp_path / "c.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_level", [True, False])
 def test_records_of_both_search_kinds_have_a_mask_for_every_kernel(weight_level):
     """The op-level baseline (weight_level False) has no weight masks: its records get all-ones masks,

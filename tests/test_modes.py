@@ -28,6 +28,7 @@ def _faults(mode: str) -> tuple[str, int]:
     return kept, int(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc options are Linux-only")
 def test_kept_host_memory_is_reused_without_page_faults():
     """With keep_freed_host_memory, a freed 64 MiB block is reused as it is: refilling it maps no
@@ -37,6 +38,7 @@ def test_kept_host_memory_is_reused_without_page_faults():
     assert system >= 20 and kept <= system // 20, (kept, system)
 
 
+@pytest.mark.slow
 def test_the_logged_hash_is_the_checked_and_recorded_one(tmp_path):
     """mode=train: the hash logged when the run starts is the one in results.json and in its checkpoints."""
     import json

@@ -120,8 +120,8 @@ def test_search_steps_on_8_devices_match_1_device():
 
 SEARCH = textwrap.dedent("""
     import json, sys
-    import jax
-    from mgas_jax import config as config_lib, search
+    import jax, numpy as np
+    from mgas_jax import config as config_lib, names, pruning, search
 
     config = config_lib.load_config(sys.argv[1])
     config.mode = "search"
@@ -131,15 +131,97 @@ SEARCH = textwrap.dedent("""
     config.search.max_stage_epochs = 1
     config.search.final_max_epochs = 1
     config.search.regrow_fraction = 0.0
+
+    def scores(spec, params, arch):
+        # {unit: (score, threshold)} of every unit a commit decides on: ops, filters, weights
+        sig = lambda x: 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+        out = {}
+        def add(prefix, score, threshold):
+            for j, v in enumerate(np.ravel(score)):
+                out[f"{prefix}[{j}]"] = (float(v), float(threshold))
+        for i, cell in enumerate(spec.cells):
+            a = arch[names.cell_name(i)]
+            for k, pre in enumerate(names.pre_path(i, k) for k in range(len(names.PRE))):
+                if names.has_path(arch, names.gate(pre)):
+                    add("/".join(names.gate(pre)), sig(names.get_path(arch, names.gate(pre))), a["t_pre"][k])
+            for o in cell.ops:
+                add("/".join(names.op_path(i, o)), sig(a["alpha"][o.edge, o.op_index]), a["t_op"][o.edge, o.op_index])
+                for unit in names.conv_units(o.op):
+                    u = names.op_path(i, o) + unit
+                    if names.has_path(arch, names.gate(u)):
+                        add("/".join(names.gate(u)), sig(names.get_path(arch, names.gate(u))), a["t_k"][o.edge, o.op_index])
+                    for path in names.unit_kernels(u):
+                        add("/".join(path), np.abs(names.get_path(params, path)), a["t_w"][o.edge, o.op_index])
+        return out
+
+    def switched_off(before, after, removed):
+        # the units this commit switched off: the removed ops, and mask entries that went from 1 to 0
+        off = [f"{'/'.join(names.op_path(i, o))}[0]" for i, o in removed]
+        for path, old in pruning._walk(before):
+            if names.is_kernel(path) or names.is_filter_mask(path):
+                if pruning._has(after, path) and np.shape(pruning._get(after, path)) == np.shape(old):
+                    new = np.ravel(pruning._get(after, path))
+                    off += [f"{'/'.join(path)}[{j}]" for j in np.flatnonzero((np.ravel(old) > 0) & (new == 0))]
+        return sorted(off)
+
+    commits, commit = [], pruning.commit
+    def traced(spec, params, arch, masks, **kw):
+        # each commit's decisions, and the units that were within 1 % of their threshold (near-ties)
+        r = commit(spec, params, arch, masks, **kw)
+        near = {u: st for u, st in scores(spec, pruning.to_numpy(params), pruning.to_numpy(arch)).items()
+                if abs(st[0] - st[1]) <= 1e-2 * max(abs(st[0]), abs(st[1]), 1e-6)}
+        commits.append(dict(off=switched_off(pruning.to_numpy(masks), r.masks, r.removed), near=near))
+        return r
+    pruning.commit = traced   # search.py and budget.py call it through the module
+
     result = search.search(config, sys.argv[2])
     cells = [json.load(open(r["path"]))["cells"] for r in result["records"]]
     events = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl")]
-    print("RESULT" + json.dumps(dict(devices=jax.device_count(), log=result["log"], cells=cells,
+    print("RESULT" + json.dumps(dict(devices=jax.device_count(), log=result["log"], cells=cells, commits=commits,
                                     records=[{k: v for k, v in r.items() if k != "path"} for r in result["records"]],
                                     summary={t: {k: v for k, v in s.items() if k != "path"}
                                              for t, s in result["summary"].items()},
                                     events=events)))
 """)
+
+# Two units closer to their thresholds than this (relative) are a near-tie: float sums in another order
+# (the 8-way split of the batch) may decide them either way. The step-level test above bounds the
+# difference after 3 steps near 1e-5 of each tensor's scale; a search of ~20 steps stays well inside 1e-3.
+NEAR_TIE = 1e-3
+
+
+def first_divergence(one: dict, eight: dict):
+    """The index of the first commit whose decisions differ between the two searches (None: none does),
+    after checking that every unit decided differently there was a near-tie in both searches: within
+    NEAR_TIE of its threshold. A unit clear of its threshold decided differently means data parallelism
+    changed the search, not the order of float additions."""
+    for k, (a, b) in enumerate(zip(one["commits"], eight["commits"])):
+        differ = set(a["off"]) ^ set(b["off"])
+        if not differ:
+            continue
+        for unit in sorted(differ):
+            for name, run in (("1 device", a), ("8 devices", b)):
+                score, threshold = run["near"].get(unit, (None, None))
+                assert score is not None and abs(score - threshold) <= NEAR_TIE * max(abs(score), abs(threshold), 1e-6), (
+                    f"commit {k + 1}: {unit} decided differently on 8 devices than on 1, yet on {name} it was not "
+                    f"within {NEAR_TIE} of its threshold ({score} vs {threshold})")
+        return k
+    assert len(one["commits"]) == len(eight["commits"])
+    return None
+
+
+def test_first_divergence_accepts_a_near_tie_and_refuses_a_clear_decision():
+    """The rule of the search-level test on hand-made commits: the same decisions, a weight at its
+    threshold (near-tie) decided differently, and a weight clear of it decided differently."""
+    same = dict(off=["w[0]"], near={})
+    tie = {"w[1]": (0.0500001, 0.05)}
+    one = dict(commits=[same, dict(off=["w[1]"], near=tie), dict(off=["w[2]"], near={})])
+    eight = dict(commits=[same, dict(off=[], near=tie), dict(off=[], near={})])
+    assert first_divergence(one, one) is None
+    assert first_divergence(one, eight) == 1
+    clear = dict(commits=[same, dict(off=["w[1]", "w[3]"], near=tie), dict(off=[], near={})])
+    with pytest.raises(AssertionError, match=r"commit 2: w\[3\] decided differently"):
+        first_divergence(clear, eight)
 
 
 @pytest.fixture(scope="module")
@@ -168,31 +250,42 @@ def searches(tmp_path_factory):
     return results
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "regression of 2026-12-02, open in issue 15: after this session's search changes the 8-device "
-    "tiny search commits 148 weights where the 1-device one commits 146 (commit 2), so their decisions "
-    "and losses part from there; the cause (float reassociation of the 8-way batch sums meeting a "
-    "weight at its threshold, or a real divergence) is not yet found"))
+def _until(events: list, epoch: int) -> list:
+    """The events before `epoch`'s commit: every event of earlier epochs, the training metrics of `epoch`."""
+    return [e for e in events if e["epoch"] < epoch or (e["epoch"] == epoch and e["split"] == "search")]
+
+
 def test_search_on_8_devices_makes_the_decisions_of_1_device(searches):
+    """Every decision (commits of ops, filters and weights, stage ends, records, exports) is the same on 8
+    devices as on 1. Where a commit meets a near-tie that the two orders of float additions decide
+    differently (first_divergence checks that it is one), everything up to that commit is the same and
+    the two searches part there, as two machines with different float kernels would."""
     one, eight = searches[1], searches[8]
-    # every decision: commits (ops, filters, weights removed), stage ends, regrowth draws, records
-    assert eight["log"] == one["log"]
-    assert eight["cells"] == one["cells"] and eight["cells"], "the recorded architectures differ"
-    assert eight["records"] == one["records"]
-    assert eight["summary"] == one["summary"]
+    assert one["commits"] and len(one["commits"]) == sum(l.startswith("commit ") for l in one["log"])
+    k = first_divergence(one, eight)
+    if k is None:
+        assert eight["log"] == one["log"]
+        assert eight["cells"] == one["cells"] and eight["cells"], "the recorded architectures differ"
+        assert eight["records"] == one["records"]
+        assert eight["summary"] == one["summary"]
+        return
+    # the log up to the commit that met the near-tie
+    cut = [i for i, line in enumerate(one["log"]) if line.startswith(f"commit {k + 1} ")][0]
+    assert eight["log"][:cut] == one["log"][:cut]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "regression of 2026-12-02, open in issue 15: after this session's search changes the 8-device "
-    "tiny search commits 148 weights where the 1-device one commits 146 (commit 2), so their decisions "
-    "and losses part from there; the cause (float reassociation of the 8-way batch sums meeting a "
-    "weight at its threshold, or a real divergence) is not yet found"))
 def test_search_on_8_devices_has_the_losses_of_1_device(searches):
-    one, eight = searches[1]["events"], searches[8]["events"]
-    assert [(e["split"], e["epoch"]) for e in eight] == [(e["split"], e["epoch"]) for e in one]
-    for a, b in zip(eight, one):
-        for k, v in b.items():
+    """Per-epoch losses agree to float tolerance (up to a commit that met a near-tie, see above)."""
+    one, eight = searches[1], searches[8]
+    k = first_divergence(one, eight)
+    last = max(e["epoch"] for e in one["events"]) + 1
+    if k is not None:  # the epoch of that commit: its training ran before the decision
+        last = int(next(l for l in one["log"] if l.startswith(f"commit {k + 1} ")).split("(epoch ")[1].split(")")[0])
+    a, b = _until(eight["events"], last), _until(one["events"], last)
+    assert [(e["split"], e["epoch"]) for e in a] == [(e["split"], e["epoch"]) for e in b] and b
+    for x, y in zip(a, b):
+        for key, v in y.items():
             if isinstance(v, float):
-                np.testing.assert_allclose(a[k], v, rtol=1e-4, atol=1e-6, err_msg=f"{b['split']} {b['epoch']} {k}")
+                np.testing.assert_allclose(x[key], v, rtol=1e-4, atol=1e-6, err_msg=f"{y['split']} {y['epoch']} {key}")
             else:
-                assert a[k] == v, (b["split"], b["epoch"], k)
+                assert x[key] == v, (y["split"], y["epoch"], key)

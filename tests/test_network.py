@@ -54,6 +54,7 @@ def one_cell_spec(ops_, width=4, reduction=False, steps=1, concat=(2,), **kw):
 # Published sizes
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_darts_v2_cifar10_param_count():
     """DARTS's eval log prints `param size = 3.349342MB` (parameters, auxiliary head excluded)."""
     net = mgas_jax.build_network("DARTS_V2", init_channels=36, layers=20, num_classes=10, auxiliary=True)
@@ -118,6 +119,7 @@ def tiny():
     return net, variables, x
 
 
+@pytest.mark.slow
 def test_forward_shapes_and_aux(tiny):
     net, variables, x = tiny
     assert set(variables) == {"params", "batch_stats"}
@@ -198,6 +200,7 @@ def test_aux_geometry():
 # Per-op widths and weight masks
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_per_op_widths_equal_zero_padded_full_width():
     """An op writing a channel subset, with a narrow sep_conv interior, equals the full-width op whose
     extra channels' weights are zero (and BN biases 0)."""
@@ -255,6 +258,7 @@ def test_per_op_widths_equal_zero_padded_full_width():
         np.testing.assert_allclose(out_p, out_f, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_weight_masks_equal_zeroed_weights():
     normal = G.CellSpec(False, (G.OpSpec(0, 0, "sep_conv_3x3"), G.OpSpec(0, 1, "dil_conv_5x5"),
                                 G.OpSpec(1, 2, "sep_conv_5x5", mid=3), G.OpSpec(1, 1, "avg_pool_3x3")),

@@ -50,6 +50,7 @@ def _assert_close(a, b, rtol):
         assert np.max(np.abs(x - y)) <= rtol * scale, (jax.tree_util.keystr(path), np.max(np.abs(x - y)), scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat,head", [(False, "classifier"), (True, "stage")])
 def test_chained_programs_give_the_one_program_step(remat, head):
     """The step as a chain of per-cell or per-edge programs (forward with residuals, backward)
@@ -76,6 +77,7 @@ def test_chained_programs_give_the_one_program_step(remat, head):
         assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(chain.arch), jax.tree.leaves(v["arch"])))
 
 
+@pytest.mark.slow
 def test_chained_programs_handle_a_cell_input_that_nothing_reads():
     """After pruning, no op of a cell may read one of its inputs: that preprocess layer gets a zero
     gradient in the chained forms, as in the one program."""
@@ -103,6 +105,7 @@ def _compiled_programs(caplog, fn) -> list[str]:
     return re.findall(r"Finished XLA compilation of jit\((\w+)\)", caplog.text)
 
 
+@pytest.mark.slow
 def test_per_cell_programs_compile_an_unchanged_cell_once(caplog):
     """After a structural change in one cell, the per-cell step of the new structure compiles that
     cell's forward and backward only: the unchanged cell's programs are found already compiled."""
@@ -120,6 +123,7 @@ def test_per_cell_programs_compile_an_unchanged_cell_once(caplog):
     assert second.count("cell_forward") == 1 and second.count("cell_backward") == 1, second  # only cell 1 is new
 
 
+@pytest.mark.slow
 def test_per_edge_programs_compile_each_distinct_edge_once(caplog):
     """Edges that compute the same thing on the same shapes run one program: a whole normal cell (all
     its edges carry all 7 ops) compiles one edge program and one preprocess program (both cell inputs

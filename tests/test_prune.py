@@ -71,6 +71,7 @@ def test_spec_reads_channels_and_consumers_from_the_model():
     assert f1.inputs == (prune.Slice("Dense_0/kernel", 0, 4),)  # channels-first flatten of 2x2 positions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["eager", "jit"])
 def test_gates_grad_through_the_model_reaches_every_group(transform):
     model, x, v = linen_setup()

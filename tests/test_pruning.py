@@ -291,6 +291,25 @@ def commit_case(net):
     return v, dict(removed=removed, filters_off=2 + 1 + 1, weights_off=weights_off)
 
 
+def test_thresholds_off_leaves_the_committed_masks_alone_in_force(net):
+    """With every threshold below every score (how a record is scored), the live masks are the committed
+    ones: a commit then switches nothing off, and committed-off units stay off."""
+    spec, _ = net
+    v, expect = commit_case(net)
+    assert expect["removed"] and expect["weights_off"]          # the thresholds do bite
+    v["masks"]["cell_0"]["ops"] = P.active_matrix(spec.cells[0])
+    v["masks"]["cell_0"]["ops"][3, idx("sep_conv_5x5")] = 0.0   # one op committed off earlier
+    arch = P.thresholds_off(v["arch"])
+    assert jax.tree.structure(arch) == jax.tree.structure(v["arch"])
+    live = P.op_live_masks(arch, spec, v["masks"])
+    for on, committed in zip(live, P.committed_ops(v["masks"], spec)):
+        np.testing.assert_array_equal(on, committed)
+    r = P.commit(spec, v["params"], arch, v["masks"], remove=False)
+    assert r.removed == [] and r.filters_off == 0 and r.weights_off == 0
+    assert r.masks["cell_0"]["ops"][3, idx("sep_conv_5x5")] == 0.0
+    chex.assert_trees_all_equal(r.masks, P.prune_tree(v["masks"], r.spec))
+
+
 def node_counts(spec):
     return [[len(c.ops_into(j)) for j in range(c.steps)] for c in spec.cells]
 
@@ -779,6 +798,7 @@ def forward(spec, variables, x, train):
     return net.apply(variables, x, train=False), None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_commit_prune_and_shrink_keep_the_output(shrink_case, train):
     c = shrink_case
@@ -1013,6 +1033,7 @@ def test_off_units_shortfalls_by_hand(net):
     chex.assert_trees_all_equal(masks, P.to_numpy(v["masks"]))
 
 
+@pytest.mark.slow
 def test_partial_commit_lands_the_exported_size_just_below_a_target(net):
     """From the hand-made gates of commit_case: the exported non-zero count of the partly committed,
     dropped and shrunk state lands in a narrow window below a target between the sizes before and after."""

@@ -55,6 +55,7 @@ def test_there_are_python_blocks():
     assert len(PYTHON) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", PYTHON)
 def test_python_block_runs_and_prints_what_it_says(source, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")

@@ -48,16 +48,16 @@ def test_all_mode_end_to_end(tiny_all):
     workdir, result, _ = tiny_all
     # search
     small = str(min(tiny_config("all").export.targets))  # below anything 3 tiny cells reach
-    assert "path" in result["search"]["100000"] and "error" in result["search"][small]
+    assert "path" in result["search"]["1000"] and "error" in result["search"][small]
     assert os.path.isfile(workdir / "search" / "search_result.json")
     # retraining of the one reachable target, from scratch, with the short protocol
-    results = json.loads((workdir / "retrain" / "arch_100000" / "results.json").read_text())
+    results = json.loads((workdir / "retrain" / "arch_1000" / "results.json").read_text())
     assert results["epochs"] == 1 and results["steps"] == 2
-    record = json.loads((workdir / "search" / "export" / "arch_100000.json").read_text())
+    record = json.loads((workdir / "search" / "export" / "arch_1000.json").read_text())
     assert results["params"] == record["params"]
-    assert (workdir / "retrain" / "arch_100000" / "architecture.npz").is_file()
+    assert (workdir / "retrain" / "arch_1000" / "architecture.npz").is_file()
     # evaluation of its checkpoint
-    ev = json.loads((workdir / "evaluation.json").read_text())["models"]["arch_100000"]
+    ev = json.loads((workdir / "evaluation.json").read_text())["models"]["arch_1000"]
     assert ev["trained"] and ev["epoch"] == 1
     assert ev["test"]["top1"] == pytest.approx(results["test"]["top1"], abs=1e-6)
     assert ev["params"] == record["params"] and ev["flops"] == results["flops"]
@@ -65,14 +65,14 @@ def test_all_mode_end_to_end(tiny_all):
     # reports
     report = workdir / "report"
     for name in ("accuracy_vs_params.png", "curves_search.png", "curves_retrain.png", "search_records.png",
-                 "sparsity_arch_100000.png"):
+                 "sparsity_arch_1000.png"):
         assert_png(str(report / name))
     for i in range(3):
-        assert_png(str(report / "cells" / f"arch_100000_cell{i}.png"))
+        assert_png(str(report / "cells" / f"arch_1000_cell{i}.png"))
     summary = (report / "summary.md").read_text()
-    assert "| arch_100000 | 100,000 |" in summary
+    assert "| arch_1000 | 1,000 |" in summary
     assert f"{record['params']['nonzero']:,}" in summary and f"{100 * results['test']['top1']:.2f} %" in summary
-    for link in ("accuracy_vs_params.png", "sparsity_arch_100000.png", "cells/arch_100000_cell0.png"):
+    for link in ("accuracy_vs_params.png", "sparsity_arch_1000.png", "cells/arch_1000_cell0.png"):
         assert f"]({link})" in summary
     assert f"target {small}:" in summary  # the unreachable target is reported, not hidden
     assert os.path.isfile(workdir / "all_result.json")
@@ -83,13 +83,13 @@ def test_evaluate_an_untrained_export(tiny_all, tmp_path):
     shutil.copytree(workdir / "search" / "export", tmp_path / "search" / "export")
     config = tiny_config("evaluate")
     result = modes.run(config, str(tmp_path))
-    ev = result["models"]["arch_100000"]
-    record = json.loads((tmp_path / "search" / "export" / "arch_100000.json").read_text())
+    ev = result["models"]["arch_1000"]
+    record = json.loads((tmp_path / "search" / "export" / "arch_1000.json").read_text())
     assert not ev["trained"] and ev["test"] is None
     assert ev["params"] == record["params"] and ev["flops"]["nonzero"] <= ev["flops"]["dense"]
-    assert json.loads((tmp_path / "evaluation.json").read_text())["models"]["arch_100000"]["trained"] is False
+    assert json.loads((tmp_path / "evaluation.json").read_text())["models"]["arch_1000"]["trained"] is False
     config.export.architecture = "arch_777"
-    with pytest.raises(FileNotFoundError, match="arch_100000.json"):
+    with pytest.raises(FileNotFoundError, match="arch_1000.json"):
         evaluation.evaluate(config, str(tmp_path))
 
 

@@ -90,6 +90,7 @@ def test_switching_groups_between_steps_compiles_once():
     assert traces["n"] == 1
 
 
+@pytest.mark.slow
 def test_alpha_momentum_is_the_alpha_groups_trace():
     """arch_momentum reads the trace through optax.tree_utils; it is the one of the alpha group."""
     from mgas_jax import supernet

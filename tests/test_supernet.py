@@ -59,6 +59,7 @@ def _cfg(**kw):
     return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [(1, 0, 0, 0, 0), (0, 1, 1, 1, 1)])
 def test_frozen_groups_keep_values_and_optimizer_state(net, flags):
     spec, v = net

@@ -31,18 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Runs of the same config compile the same programs: let the later ones load them from disk."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield jax.config.jax_compilation_cache_dir
-    for name, value in saved.items():
-        jax.config.update(name, value)
-
-
 def tiny(**train_overrides):
     config = config_lib.load_config(TINY)
     for key, value in train_overrides.items():
@@ -63,10 +51,10 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cli_run_writes_everything(tmp_path, compilation_cache):
+def test_cli_run_writes_everything(tmp_path, compilation_cache_dir):
     workdir = tmp_path / "cli"
     # The same cache: this run compiles what the in-process runs below then load.
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache,
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     out = subprocess.run([sys.executable, "-m", "mgas_jax.main", f"--config={TINY}", f"--workdir={workdir}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -296,14 +284,14 @@ def test_half_written_checkpoint_is_ignored_on_resume(uninterrupted, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_moment_then_resume(uninterrupted, tmp_path, compilation_cache):
+def test_sigkill_at_any_moment_then_resume(uninterrupted, tmp_path, compilation_cache_dir):
     """SIGKILL the CLI as soon as its first checkpoint write begins, and again later; reruns finish
     with the uninterrupted numbers."""
     import signal
     import time
     _, expected = uninterrupted
     workdir = tmp_path / "sigkill"
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache,
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [sys.executable, "-m", "mgas_jax.main", f"--config={TINY}", f"--workdir={workdir}"]
     ckpts = workdir / "checkpoints"
@@ -373,6 +361,7 @@ def test_masked_weights_stay_exactly_zero(tmp_path):
     assert results["params"]["nonzero"] == results["params"]["dense"] - zeros
 
 
+@pytest.mark.slow
 def test_train_step_remasks_after_the_update():
     """Even a state whose pruned weights are non-zero (and have momentum) leaves a step with them at 0."""
     config = tiny(weight_decay=0.1)
