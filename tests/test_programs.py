@@ -14,6 +14,7 @@ import pytest
 from mgas_jax import programs, search_step, supernet
 
 C, LAYERS, STEPS = 4, 3, 2
+WARMUP, ALL = search_step.GroupScales.weights_only(), search_step.GroupScales()  # the step's group factors
 
 
 def _cfg(**kw):
@@ -30,15 +31,15 @@ def _state(tx, v):
                                    batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
 
 
-def _run_steps(spec, v, programs, flag_rows):
+def _run_steps(spec, v, programs, scale_rows):
     tx = search_step.make_optimizer(_cfg())
     data_cfg = ml_collections.ConfigDict(dict(crop_padding=1, flip=True, cutout=0, autoaugment=False))
     step = search_step.make_step(spec, tx, data_cfg, jnp.full(3, 100.0), jnp.full(3, 60.0), programs=programs)
     state, rng, out = _state(tx, v), np.random.default_rng(0), []
-    for i, flags in enumerate(flag_rows):
+    for i, scales in enumerate(scale_rows):
         batch = {"image": rng.integers(0, 255, (8, 8, 8, 3), dtype=np.uint8),
                  "label": rng.integers(0, 10, 8).astype(np.int32)}
-        state, metrics = step(state, batch, jax.random.key(i), jnp.float32(0.05), search_step.GroupScales(*flags).asarrays())
+        state, metrics = step(state, batch, jax.random.key(i), jnp.float32(0.05), scales.asarrays())
         out.append(jax.device_get(metrics))
     return jax.device_get(state), out
 
@@ -60,10 +61,10 @@ def test_chained_programs_give_the_one_program_step(remat, head):
     spec = supernet.SuperNetSpec(supernet.full_cells(C, LAYERS, STEPS), num_classes=10, stem_channels=3 * C,
                                  head=head, impl="lax", remat=remat)
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
-    flag_rows = [(1, 0, 0, 0, 0), (1, 1, 1, 1, 1), (1, 1, 1, 1, 1)]
-    one, one_metrics = _run_steps(spec, v, "step", flag_rows)
+    scale_rows = [WARMUP, ALL, ALL]
+    one, one_metrics = _run_steps(spec, v, "step", scale_rows)
     for programs in ("cell", "edge"):
-        chain, chain_metrics = _run_steps(spec, v, programs, flag_rows)
+        chain, chain_metrics = _run_steps(spec, v, programs, scale_rows)
         assert jax.tree.structure(one) == jax.tree.structure(chain), programs
         for m1, m2 in zip(one_metrics, chain_metrics):
             assert m1.keys() == m2.keys() and m1["finite"] == m2["finite"] == 1.0
@@ -85,9 +86,9 @@ def test_chained_programs_handle_a_cell_input_that_nothing_reads():
     unread = dataclasses.replace(cells[1], ops=tuple(o for o in cells[1].ops if o.src != 0))
     spec = supernet.SuperNetSpec((cells[0], unread), num_classes=10, stem_channels=3 * C, impl="lax")
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
-    one, one_metrics = _run_steps(spec, v, "step", [(1, 1, 1, 1, 1)] * 2)
+    one, one_metrics = _run_steps(spec, v, "step", [ALL] * 2)
     for programs in ("cell", "edge"):
-        chain, chain_metrics = _run_steps(spec, v, programs, [(1, 1, 1, 1, 1)] * 2)
+        chain, chain_metrics = _run_steps(spec, v, programs, [ALL] * 2)
         np.testing.assert_allclose(chain_metrics[-1]["loss"], one_metrics[-1]["loss"], rtol=2e-5)
         _assert_close(chain.params, one.params, 1e-4)
         _assert_close(chain.arch, one.arch, 1e-4)
@@ -117,9 +118,9 @@ def test_per_cell_programs_compile_an_unchanged_cell_once(caplog):
     spec2 = dataclasses.replace(spec, cells=(cells[0], pruned))
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
     v2 = supernet.init_variables(spec2, jax.random.key(0, impl="rbg"), (8, 8, 3))
-    first = _compiled_programs(caplog, lambda: _run_steps(spec, v, "cell", [(1, 1, 1, 1, 1)] * 2))
+    first = _compiled_programs(caplog, lambda: _run_steps(spec, v, "cell", [ALL] * 2))
     assert first.count("cell_forward") == 2 and first.count("cell_backward") == 2, first
-    second = _compiled_programs(caplog, lambda: _run_steps(spec2, v2, "cell", [(1, 1, 1, 1, 1)]))
+    second = _compiled_programs(caplog, lambda: _run_steps(spec2, v2, "cell", [ALL]))
     assert second.count("cell_forward") == 1 and second.count("cell_backward") == 1, second  # only cell 1 is new
 
 
@@ -136,10 +137,10 @@ def test_per_edge_programs_compile_each_distinct_edge_once(caplog):
     spec2 = dataclasses.replace(spec, cells=(pruned,))
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
     v2 = supernet.init_variables(spec2, jax.random.key(0, impl="rbg"), (8, 8, 3))
-    first = _compiled_programs(caplog, lambda: _run_steps(spec, v, "edge", [(1, 1, 1, 1, 1)] * 2))
+    first = _compiled_programs(caplog, lambda: _run_steps(spec, v, "edge", [ALL] * 2))
     parts = ("edge_forward", "edge_backward", "preprocess_forward", "preprocess_backward")
     assert [first.count(p) for p in parts] == [1, 1, 1, 1], first
-    second = _compiled_programs(caplog, lambda: _run_steps(spec2, v2, "edge", [(1, 1, 1, 1, 1)]))
+    second = _compiled_programs(caplog, lambda: _run_steps(spec2, v2, "edge", [ALL]))
     assert [second.count(p) for p in parts] == [1, 1, 0, 0], second   # the pruned edge only
 
 

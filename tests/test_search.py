@@ -150,8 +150,8 @@ def test_a_final_phase_of_masks_records_what_the_rebuilding_one_does(searched, t
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-6)
         assert json.load(open(a["path"]))["cells"] == json.load(open(b["path"]))["cells"]
     assert result["log"] == expected["log"]
-    # the final phase compiled one structure: the rebuilding one compiles one per commit
-    assert result["compiles"] < expected["compiles"]
+    # the masked final phase compiles its step once; the rebuilding one once per structure it reaches
+    assert result["compiles"] <= expected["compiles"]
 
 
 def test_a_finished_search_exports_again_for_other_targets(searched, tmp_path):
