@@ -10,7 +10,8 @@ Read top to bottom, `search(config, workdir)` is the whole experiment (docs/meth
         stage end (size of cells 0..end < stage_size_ratio x its value at the stage start):
         after stages 2 and 3: one epoch with frozen masks, regrow 20 % of the stage's pruned ops; then
         shrink channels physically
-    final phase: commits (with shrinking) until no op can go or the size floor; each commit is recorded;
+    final phase: commits (with shrinking; search.final_rebuild = False: masks only) until no op can go or
+        the size floor; each commit is recorded;
         with search.budget_commits a commit that would cross an export target lands just below it
         (budget.py), and the phase ends once every target has its record
     export: the first recorded architecture at or below each target size
