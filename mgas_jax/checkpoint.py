@@ -5,8 +5,9 @@ A checkpoint at step `s` (the trainer uses the number of finished epochs) holds 
 - `state`: the state pytree (a flax.struct.dataclass such as train.TrainState), packed into one flat
   array per dtype (`pack`) and saved with `ocp.args.StandardSave`; a super-net state has thousands of
   small leaves, and orbax writes each leaf as an array of its own (about 10 s for the digits
-  super-net's 2,700 leaves on the 2-core CPU, 0.06 s packed: benchmarks/README.md section 11). Typed PRNG keys are stored as their raw `key_data`
-  and rewrapped on restore, so any state with a `jax.random.key` field round-trips;
+  super-net's 2,700 leaves on the 2-core CPU, 0.06 s packed: benchmarks/README.md section 11).
+  Typed PRNG keys are stored as their raw `key_data` and rewrapped on restore, so any state with a
+  `jax.random.key` field round-trips;
 - `layout`: the path, shape and dtype of every leaf, which the restore checks against the state it
   restores into;
 - `meta`: a small JSON dict, e.g. {'epoch': 3, 'step': 1200, 'config_hash': '...', 'config': {...}}.
