@@ -157,16 +157,21 @@ def _pruned_export(source: dict, cells: tuple, out_dir: str, name: str, *, targe
         magnitudes = "fresh initialisation (seed %d)" % seed
         variables = network.init_network(spec, jax.random.key(seed, impl="rbg"), shape)
         params = jax.device_get(variables["params"])
-        mask_tree = jax.device_get(variables["masks"])
+        mask_tree = jax.device_get(variables.get("masks", {}))
     else:
         magnitudes = "given parameters"
         params = jax.device_get(params.get("params", params))
         shapes = jax.eval_shape(lambda: network.Network(spec).init(jax.random.key(0), jnp.zeros(shape), train=False))
-        mask_tree = shapes["masks"]
+        mask_tree = shapes.get("masks", {})
     kernel_paths = sorted(traverse_util.flatten_dict(mask_tree))
     sizes = [int(np.prod(traverse_util.flatten_dict(mask_tree)[p].shape)) for p in kernel_paths]
     dense = network.count_params(params)["dense"]
     fixed = dense - sum(sizes)  # parameters no mask touches
+    if not sizes and target != dense:
+        raise export.ExportError(
+            f"{what} cannot have {target} non-zero parameters: its cells hold no conv kernel to prune (only "
+            f"pooling and skip operations), so its {dense} parameters are all fixed; weight pruning alone "
+            f"cannot change its size")
     if not len(sizes) <= target - fixed <= sum(sizes):
         why = (f"{fixed} of them lie outside the {len(sizes)} prunable conv kernels (which keep at least one "
                f"weight each)" if target - fixed < len(sizes) else "fewer than the target")

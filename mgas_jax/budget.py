@@ -121,41 +121,66 @@ def apply_units(spec: SuperNetSpec, arch: dict, masks: dict, units: Units, chose
 
 
 def choose_units(margin: np.ndarray, size_of: Callable[[np.ndarray], int], target: float, low: float,
-                 max_skips: int = 8) -> Optional[np.ndarray]:
+                 max_evals: int = 96) -> Optional[np.ndarray]:
     """Which units to commit so that size_of lands in [low, target]: the furthest below first.
 
     Takes the shortest prefix of the units in order of falling shortfall (ties: original order) whose
-    size is <= target (bisection; sizes fall as units go). When one unit alone jumps from above
-    `target` to below `low` (a whole op at a small target), it is left out and the prefix is extended
-    past it, up to `max_skips` times. Returns the indices of the chosen units (the selection closest
-    to `target` from below when no selection lands in the window), or None when committing every
-    unit still leaves the size above `target`.
+    size is <= target. When that prefix ends with a unit that alone jumps from above `target` to below
+    `low` (a whole op, at a target whose window is smaller than the op), that unit is left out and the
+    prefix goes on past it, as often as it takes. When the units left after such a skip cannot bring the
+    size down to `target`, the skipped unit cannot be spared: it is committed first, and the search
+    starts again from the top of the order with it (so that fewer of the other units fill the window).
+    Prefixes are found by galloping then bisection, so a run of skipped units costs a size_of call or
+    two each; the whole search stops after about `max_evals` calls. Returns the indices of the chosen
+    units (the selection closest to `target` from below among those tried, when none lands in the
+    window), or None when committing every unit still leaves the size above `target`.
 
     Args:
       margin: (n,) shortfall of each unit (`Units.margin`).
       size_of: indices of units committed -> the size (e.g. non-zero parameters) of that state;
         must not grow when units are added.
+      max_evals: bound on size_of calls (each one costs an abstract trace of the network in the search).
     """
     order = np.argsort(-np.asarray(margin, np.float64), kind="stable")
-    base, rest = order[:0], order
-    best, best_size = None, -np.inf
-    if size_of(order) > target:
+    seen: dict = {}
+    best = [None, -np.inf]
+
+    def size(pick):
+        key = np.sort(pick).tobytes()
+        if key not in seen:
+            seen[key] = n = size_of(pick)
+            if best[1] < n <= target:
+                best[0], best[1] = pick, n
+        return seen[key]
+
+    if size(order) > target:
         return None
-    for _ in range(max_skips + 1):
-        lo, hi = 0, rest.size   # size_of(base + rest[:lo]) > target >= size_of(base + rest[:hi])
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if size_of(np.concatenate([base, rest[:mid]])) <= target:
-                hi = mid
-            else:
-                lo = mid
-        pick = np.concatenate([base, rest[:hi]])
-        size = size_of(pick)
-        if size > best_size:
-            best, best_size = pick, size
-        if size >= low or hi == 0:
+    must = order[:0]  # units no selection within the window can do without, found on the way
+    while len(seen) < max_evals:
+        base, rest, skipped = must, order[~np.isin(order, must)], None
+        while len(seen) < max_evals:
+            # the smallest h with size(base + rest[:h]) <= target (size(base) > target), galloping from 1
+            lo, hi = 0, 1
+            while hi < rest.size and size(np.concatenate([base, rest[:hi]])) > target:
+                lo, hi = hi, min(2 * hi, rest.size)
+            if size(np.concatenate([base, rest])) > target:
+                break  # not even every unit left: the unit skipped last cannot be spared
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if size(np.concatenate([base, rest[:mid]])) <= target:
+                    hi = mid
+                else:
+                    lo = mid
+            pick = np.concatenate([base, rest[:hi]])
+            if size(pick) >= low:
+                return np.sort(pick)
+            skipped = rest[hi - 1]  # alone it jumps from above the target to below the window
+            base, rest = np.concatenate([base, rest[:hi - 1]]), rest[hi:]
+        if skipped is None:
             break
-        base, rest = np.concatenate([base, rest[:hi - 1]]), rest[hi:]
-        if rest.size == 0 or size_of(np.concatenate([base, rest])) > target:
+        must = np.append(must, skipped)
+        if size(must) <= target:  # the units that cannot be spared reach the target by themselves
+            if size(must) >= low:
+                return np.sort(must)
             break
-    return np.sort(best)
+    return np.sort(best[0])

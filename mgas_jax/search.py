@@ -461,7 +461,7 @@ def unreachable_target(cfg, progress: Progress, target: int) -> str:
     smallest = min(r["params"]["nonzero"] for r in records)
     ended = next((line.split(": ", 1)[1] for line in reversed(progress.log)
                   if line.startswith("final phase ends: ")), "")
-    smaller_net = (f"search a smaller super-net (search.init_channels = {cfg.init_channels}, "
+    smaller_net = (f"search a smaller super-net (now search.init_channels = {cfg.init_channels}, "
                    f"search.layers = {cfg.layers})")
     if "final_max_epochs" in ended:
         hint = (f"raise search.final_max_epochs (now {cfg.final_max_epochs}) so the final phase prunes on, "
@@ -558,10 +558,8 @@ def final_round(s: Searcher, spec, state: SearchState, progress: Progress, stats
         _log(progress, f"final phase ends: {why}")
         progress.phase = "done"
         if cfg.budget_commits:
-            for t in targets:
-                progress.targets.setdefault(str(t), dict(why=(
-                    f"the final phase ended ({why}) with {rec['params']['nonzero']} non-zero parameters, above "
-                    f"{t}: let it prune further (raise search.final_max_epochs, or search.lambda0)")))
+            for t in targets:  # the hint follows why the phase ended (more epochs help only when they ran out)
+                progress.targets.setdefault(str(t), dict(why=unreachable_target(cfg, progress, t)))
     return state, progress
 
 

@@ -20,14 +20,16 @@ from mgas_jax.genotype import OpSpec
 SEARCH = dict(init_channels=4, layers=3, steps=2)   # the super-net of configs/tiny.py
 
 
-def _source(tmp_path) -> str:
-    """An export-format record of 3 cells (3, 2, 4 ops; partial widths), all-ones masks."""
+OPS = [(OpSpec(0, 0, "sep_conv_3x3", mid=2, out_index=(0, 3)), OpSpec(0, 1, "max_pool_3x3"),
+        OpSpec(1, 2, "dil_conv_3x3")),
+       (OpSpec(0, 1, "skip_connect"), OpSpec(1, 0, "avg_pool_3x3")),
+       (OpSpec(0, 0, "sep_conv_5x5"), OpSpec(0, 1, "dil_conv_5x5", out_index=(1, 2, 5)),
+        OpSpec(1, 2, "skip_connect"), OpSpec(1, 0, "sep_conv_3x3"))]
+
+
+def _source(tmp_path, ops=OPS) -> str:
+    """An export-format record of 3 cells (by default 3, 2, 4 ops; partial widths), all-ones masks."""
     full = supernet.full_cells(**SEARCH)
-    ops = [(OpSpec(0, 0, "sep_conv_3x3", mid=2, out_index=(0, 3)), OpSpec(0, 1, "max_pool_3x3"),
-            OpSpec(1, 2, "dil_conv_3x3")),
-           (OpSpec(0, 1, "skip_connect"), OpSpec(1, 0, "avg_pool_3x3")),
-           (OpSpec(0, 0, "sep_conv_5x5"), OpSpec(0, 1, "dil_conv_5x5", out_index=(1, 2, 5)),
-            OpSpec(1, 2, "skip_connect"), OpSpec(1, 0, "sep_conv_3x3"))]
     cells = tuple(c.__class__(reduction=c.reduction, ops=o, width=c.width, steps=c.steps, concat=c.concat)
                   for c, o in zip(full, ops))
     record = dict(format=export.FORMAT, index=0, epoch=0, seed=0, config=dict(search=SEARCH), num_classes=10,
@@ -99,6 +101,19 @@ def test_random_export_has_the_target_count_and_rebuilds(source, tmp_path):
     assert own["params"]["nonzero"] == src["params"]["nonzero"]
     other = json.load(open(baselines.random_export(source, str(tmp_path / "s2"), seed=2, target=target)))
     assert len({json.dumps(c) for c in (record["cells"], own["cells"], other["cells"])}) == 3
+
+
+def test_fixed_ratio_refuses_a_network_without_conv_kernels(tmp_path):
+    """A small MGAS export can keep only pools and skips (normal cells' skips carry no conv): uniform
+    weight pruning has nothing to prune there, and says so instead of failing on a missing collection."""
+    pools = [(OpSpec(0, 1, "max_pool_3x3"), OpSpec(1, 2, "avg_pool_3x3")),
+             (OpSpec(0, 1, "skip_connect"), OpSpec(1, 0, "avg_pool_3x3")),
+             (OpSpec(0, 0, "max_pool_3x3"), OpSpec(1, 2, "skip_connect"))]
+    (tmp_path / "src").mkdir()
+    src = _source(tmp_path / "src", pools)
+    with pytest.raises(export.ExportError, match="no conv kernel to prune"):
+        baselines.fixed_ratio_export(src, str(tmp_path / "fixed"), seed=0, target=500)
+    assert not os.path.exists(tmp_path / "fixed" / "arch_3000.json")
 
 
 @pytest.mark.slow

@@ -37,11 +37,12 @@ def test_a_budget_below_every_record_is_said_last_with_a_fitting_hint(rerun):
     assert error.startswith(f"no recorded architecture has <= 10 non-zero parameters: the smallest of the "
                             f"{len(result['records'])} records has {smallest:,} (final phase ended: ")
     assert f"choose a target of at least {smallest:,}" in error
+    assert result["targets"]["10"]["why"] == error  # the search's own summary gives the same reason and hint
     assert "final_size_floor" not in error
     ended = next(line for line in result["log"] if line.startswith("final phase ends: "))
     if "final_max_epochs" in ended:
         assert "raise search.final_max_epochs (now 2)" in error  # configs/tiny.py's
-    assert "search a smaller super-net (search.init_channels = 4, search.layers = 3)" in error
+    assert "search a smaller super-net (now search.init_channels = 4, search.layers = 3)" in error
     assert last_lines(out.stdout, 1) == [f"export.targets 10: {error}"]
     assert error in "\n".join(last_lines(out.stderr, 2))
 

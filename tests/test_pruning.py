@@ -992,9 +992,39 @@ def test_choose_units_takes_the_furthest_below_first_and_lands_in_the_window(tar
 def test_choose_units_when_the_window_cannot_be_hit():
     margin = np.linspace(1.0, 0.5, 6)
     assert B.choose_units(margin, cost_size, 300, 270) is None  # every unit: 390 > 300
-    # one skip allowed, and no selection found lands in [845, 848]: the closest below the target is kept
-    got = B.choose_units(margin, cost_size, 848, 845, max_skips=1)
-    assert cost_size(got) <= 848
+    # no selection lands in [845, 848]: units 2, 3, 4 and 5 each jump from 850 to below 845 in turn;
+    # the closest to the target from below that was tried is kept: 1000 - 100 - 50 - 10
+    got = B.choose_units(margin, cost_size, 848, 845)
+    assert got.tolist() == [0, 1, 5] and cost_size(got) == 840
+
+
+def test_choose_units_leaves_out_a_long_run_of_whole_ops():
+    """Twelve coarse units (whole ops, 100 each) are the furthest below, and each alone jumps past a
+    15-wide window; the fine units after them (single weights) fill it. Each op left out costs one or
+    two size calls, not a bisection."""
+    costs = np.array([100] * 12 + [1] * 50)
+    margin = np.linspace(1.0, 0.1, costs.size)
+    calls = []
+
+    def size(chosen):
+        calls.append(1)
+        return 2000 - int(costs[np.asarray(chosen, int)].sum())
+
+    got = B.choose_units(margin, size, 1995, 1980)
+    assert got.tolist() == [12, 13, 14, 15, 16] and size(got) == 1995
+    assert len(calls) < 40
+    # out of size calls before the fine units are reached: the closest below the target tried so far
+    got = B.choose_units(margin, size, 1995, 1980, max_evals=5)
+    assert size(got) == 1900
+
+
+def test_choose_units_commits_a_unit_that_cannot_be_spared_first():
+    """The op (unit 5, 460) jumps past the window after the five units before it, but without it not
+    even every other unit reaches the target: it is committed, and only two of the units before it."""
+    costs = np.array([10] * 5 + [460] + [10] * 5)
+    size = lambda chosen: 1000 - int(costs[np.asarray(chosen, int)].sum())
+    got = B.choose_units(np.linspace(1.0, 0.1, costs.size), size, 520, 500)
+    assert got.tolist() == [0, 1, 5] and size(got) == 520
 
 
 def test_off_units_shortfalls_by_hand(net):
