@@ -545,22 +545,36 @@ def final_round(s: Searcher, spec, state: SearchState, progress: Progress, stats
     if target is not None:
         _settle(progress, target, rec, cfg.budget_window)
     masks = pruning.to_numpy(jax.device_get(state.masks))
-    size = pruning.size_proxy(spec, masks)
-    kept, _ = pruning.drop_committed_off(spec, dict(masks=masks))
-    prunable = any(len(c.ops_into(j)) > 1 for c in kept.cells for j in range(c.steps))  # all committed
     targets = [int(t) for t in s.config.export.targets]
     settled = cfg.budget_commits and all(str(t) in progress.targets for t in targets)
-    if settled or not prunable or size < cfg.final_size_floor or progress.phase_epochs >= cfg.final_max_epochs:
-        why = ("every export target has its record" if settled else
-               "no op left to prune" if not prunable else
-               f"size proxy {size} < floor {cfg.final_size_floor}" if size < cfg.final_size_floor else
-               f"search.final_max_epochs = {cfg.final_max_epochs} reached")
+    why = final_phase_end(cfg, spec, masks, settled, progress.phase_epochs)
+    if why:
         _log(progress, f"final phase ends: {why}")
         progress.phase = "done"
         if cfg.budget_commits:
             for t in targets:  # the hint follows why the phase ended (more epochs help only when they ran out)
                 progress.targets.setdefault(str(t), dict(why=unreachable_target(cfg, progress, t)))
     return state, progress
+
+
+def final_phase_end(cfg, spec: supernet.SuperNetSpec, masks: dict, settled: bool, phase_epochs: int) -> Optional[str]:
+    """Why the final phase ends after this round, or None when it goes on.
+
+    An op-level search is done when every node is down to one op (the last one is protected); MGAS
+    goes on past that point, since filters and weights can still be pruned.
+    """
+    size = pruning.size_proxy(spec, masks)
+    kept, _ = pruning.drop_committed_off(spec, dict(masks=masks))
+    ops_left = any(len(c.ops_into(j)) > 1 for c in kept.cells for j in range(c.steps))  # all committed
+    if settled:
+        return "every export target has its record"
+    if not (ops_left or spec.filter_level or spec.weight_level):
+        return "no op left to prune (an op-level search)"
+    if size < cfg.final_size_floor:
+        return f"size proxy {size} < floor {cfg.final_size_floor}"
+    if phase_epochs >= cfg.final_max_epochs:
+        return f"search.final_max_epochs = {cfg.final_max_epochs} reached"
+    return None
 
 
 def _settle(progress: Progress, target: int, rec: dict, window: float) -> None:
