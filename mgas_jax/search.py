@@ -560,16 +560,17 @@ def final_round(s: Searcher, spec, state: SearchState, progress: Progress, stats
 def final_phase_end(cfg, spec: supernet.SuperNetSpec, masks: dict, settled: bool, phase_epochs: int) -> Optional[str]:
     """Why the final phase ends after this round, or None when it goes on.
 
-    An op-level search is done when every node is down to one op (the last one is protected); MGAS
-    goes on past that point, since filters and weights can still be pruned.
+    An op-level search is done when every node is down to one op (the last one is protected), and so is
+    the released code's final phase; an MGAS search aiming at budgets (search.budget_commits) goes on past
+    that point, since filters and weights can still be pruned.
     """
     size = pruning.size_proxy(spec, masks)
     kept, _ = pruning.drop_committed_off(spec, dict(masks=masks))
     ops_left = any(len(c.ops_into(j)) > 1 for c in kept.cells for j in range(c.steps))  # all committed
     if settled:
         return "every export target has its record"
-    if not (ops_left or spec.filter_level or spec.weight_level):
-        return "no op left to prune (an op-level search)"
+    if not (ops_left or (cfg.budget_commits and (spec.filter_level or spec.weight_level))):
+        return "no op left to prune"
     if size < cfg.final_size_floor:
         return f"size proxy {size} < floor {cfg.final_size_floor}"
     if phase_epochs >= cfg.final_max_epochs:

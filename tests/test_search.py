@@ -270,8 +270,9 @@ def test_rollback_policy_restores_the_last_checkpoint_with_lower_learning_rates(
 
 
 def test_the_final_phase_of_mgas_goes_on_below_one_op_per_node():
-    """With every node down to one op an op-level search is done, but MGAS can still prune filters and
-    weights towards a target: its final phase ends only by the targets, the floor or the epoch cap."""
+    """With every node down to one op an op-level search is done (and the released code's final phase),
+    but MGAS aiming at budgets can still prune filters and weights towards one: its final phase ends only
+    by the targets, the floor or the epoch cap."""
     import dataclasses
     import types
 
@@ -279,13 +280,15 @@ def test_the_final_phase_of_mgas_goes_on_below_one_op_per_node():
     full = supernet.full_cells(4, 3, steps=2)
     one_op = tuple(dataclasses.replace(c, ops=tuple(o for o in c.ops if o.src == 0 and o.op == "sep_conv_3x3"))
                    for c in full)
-    cfg = types.SimpleNamespace(final_size_floor=0, final_max_epochs=5)
+    cfg = types.SimpleNamespace(final_size_floor=0, final_max_epochs=5, budget_commits=True)
     mgas = supernet.SuperNetSpec(one_op, num_classes=10, stem_channels=12)
     oplevel = dataclasses.replace(mgas, filter_level=False, weight_level=False)
     assert search.final_phase_end(cfg, mgas, {}, False, 1) is None
-    assert search.final_phase_end(cfg, oplevel, {}, False, 1) == "no op left to prune (an op-level search)"
+    assert search.final_phase_end(cfg, oplevel, {}, False, 1) == "no op left to prune"
+    released = types.SimpleNamespace(final_size_floor=0, final_max_epochs=5, budget_commits=False)
+    assert search.final_phase_end(released, mgas, {}, False, 1) == "no op left to prune"
     assert search.final_phase_end(cfg, dataclasses.replace(oplevel, cells=full), {}, False, 1) is None
     assert search.final_phase_end(cfg, mgas, {}, True, 1) == "every export target has its record"
     assert search.final_phase_end(cfg, mgas, {}, False, 5) == "search.final_max_epochs = 5 reached"
-    floor = types.SimpleNamespace(final_size_floor=10**9, final_max_epochs=5)
+    floor = types.SimpleNamespace(final_size_floor=10**9, final_max_epochs=5, budget_commits=True)
     assert search.final_phase_end(floor, mgas, {}, False, 1).startswith("size proxy ")
