@@ -79,8 +79,10 @@ def full_width_cells(record: dict) -> tuple:
 def uniform_keep_counts(sizes: list[int], budget: int) -> list[int]:
     """Per layer, how many weights to keep so that they sum to exactly `budget`, uniformly across layers.
 
-    Every layer keeps 1 + its share of (budget - layers) in proportion to (size - 1), rounded by largest
-    remainders: k_l / size_l is the same ratio r = budget / sum(sizes) up to one weight per layer.
+    Each layer's quota is r * size with r = budget / sum(sizes), apportioned by largest remainders; a
+    layer whose quota is below one weight still keeps one (a layer with no weight would cut its op out
+    of the network), taken back from the layers most over their quota. Every layer keeps 1..size, and
+    when every quota is at least one weight, each layer keeps its quota's floor or ceiling.
 
     Raises:
       ValueError: budget < number of layers (each keeps one) or > sum(sizes).
@@ -89,16 +91,17 @@ def uniform_keep_counts(sizes: list[int], budget: int) -> list[int]:
     if not len(sizes) <= budget <= sum(sizes):
         raise ValueError(f"cannot keep {budget} weights in {len(sizes)} layers of {sum(sizes)} weights "
                          f"(at least one per layer, at most all)")
-    rest, room = budget - len(sizes), [s - 1 for s in sizes]
-    total = sum(room)
-    if total == 0:
-        return [1] * len(sizes)
-    quota = [rest * r / total for r in room]
-    keep = [int(np.floor(q)) for q in quota]
-    order = sorted(range(len(sizes)), key=lambda i: (-(quota[i] - keep[i]), i))
-    for i in order[:rest - sum(keep)]:
+    quota = [budget * s / sum(sizes) for s in sizes]
+    keep = [max(1, int(np.floor(q))) for q in quota]
+    # Proportional shares (not shares of budget - layers over size - 1, which drift by more than a
+    # weight on large kernels); the floors sum to at most `budget` unless some quota is below one.
+    while sum(keep) < budget:
+        i = max((i for i in range(len(sizes)) if keep[i] < sizes[i]), key=lambda i: (quota[i] - keep[i], -i))
         keep[i] += 1
-    return [1 + k for k in keep]
+    while sum(keep) > budget:
+        i = max((i for i in range(len(sizes)) if keep[i] > 1), key=lambda i: (keep[i] - quota[i], -i))
+        keep[i] -= 1
+    return keep
 
 
 def magnitude_masks(params: dict, kernel_paths: list[tuple], counts: list[int]) -> dict:

@@ -130,5 +130,5 @@ def test_dry_run_from_the_command_line(tmp_path):
     lines = [line for line in out.stdout.splitlines() if "budget" in line]
     assert len(lines) == len(set(lines)) == 2 * 2 * 2 * 2
     assert "rep 0 fold 1 seed 1  budget 2,500  random" in lines
-    assert "4 searches x 8 min + 16 retrainings x 1.5 min" in out.stdout   # the default estimates
+    assert "4 searches x 6 min + 16 retrainings x 1 min" in out.stdout   # the default estimates
     assert not (tmp_path / "s").exists()       # a dry run writes nothing

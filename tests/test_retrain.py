@@ -193,6 +193,14 @@ def test_uniform_keep_counts():
     ratio = 50 / 152
     assert all(abs(c - ratio * n) <= 1.0 + 1e-9 for c, n in zip(counts, [9, 36, 100, 7]))
     assert baselines.uniform_keep_counts([3, 4], 7) == [3, 4]
+    # one large kernel among small ones keeps its own share (shares of budget - layers in proportion to
+    # size - 1 left it 6 weights short here)
+    sizes = [400] + [16] * 20
+    counts = baselines.uniform_keep_counts(sizes, 288)
+    assert sum(counts) == 288 and counts[0] == 160
+    assert all(abs(c - 0.4 * n) < 1 for c, n in zip(counts, sizes))
+    # a quota below one weight still keeps one, taken from the layer most over its quota
+    assert baselines.uniform_keep_counts([1000, 2, 2], 100) == [98, 1, 1]
     with pytest.raises(ValueError):
         baselines.uniform_keep_counts([3, 4], 1)
 
