@@ -17,11 +17,13 @@ Method reference: docs/method.md section 1 (ops) and 2 (gates).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mgas_jax import gates, kernels, names
 
@@ -54,11 +56,37 @@ def kernel_size(name: str) -> int:
 
 
 def scatter_channels(y: jax.Array, out_index: Optional[tuple], width: int) -> jax.Array:
-    """Place y's channels at `out_index` of a zero tensor of `width` channels (None: y is full width)."""
+    """Place y's channels at `out_index` of a zero tensor of `width` channels (None: y is full width).
+
+    `out_index` is sorted and distinct (network._check_index). The values and gradients are those of
+    `zeros.at[..., out_index].set(y)`, computed as two gathers (`_place_channels`).
+    """
     if out_index is None or len(out_index) == width and tuple(out_index) == tuple(range(width)):
         return y
-    out = jnp.zeros(y.shape[:-1] + (width,), y.dtype)
-    return out.at[..., jnp.asarray(out_index, jnp.int32)].set(y)
+    return _place_channels(y, tuple(int(i) for i in out_index), int(width))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _place_channels(y: jax.Array, out_index: tuple, width: int) -> jax.Array:
+    # A gather from y with one zero channel appended, not a scatter into zeros: XLA's CPU scatter is an
+    # element loop, 5-15x slower than the gather here at (96, 32, 32, 27) -> 36 channels; and the
+    # backward below is the gather of the cotangent's kept channels, where autodiff of this gather
+    # would be a scatter-add again.
+    source = np.full(width, len(out_index), np.int32)
+    source[list(out_index)] = np.arange(len(out_index), dtype=np.int32)
+    padded = jnp.concatenate([y, jnp.zeros(y.shape[:-1] + (1,), y.dtype)], axis=-1)
+    return jnp.take(padded, jnp.asarray(source), axis=-1)
+
+
+def _place_channels_fwd(y, out_index, width):
+    return _place_channels(y, out_index, width), None
+
+
+def _place_channels_bwd(out_index, width, _, g):
+    return (jnp.take(g, jnp.asarray(out_index, jnp.int32), axis=-1),)
+
+
+_place_channels.defvjp(_place_channels_fwd, _place_channels_bwd)
 
 
 class Conv(nn.Module):

@@ -378,3 +378,26 @@ def test_package_exports():
     assert mgas_jax.gates is importlib.import_module("mgas_jax.gates") and mgas_jax.OpSpec is G.OpSpec
     with pytest.raises(AttributeError, match="has no attribute 'not_exported'"):
         mgas_jax.not_exported  # noqa: B018
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scatter_channels_equals_a_scatter_into_zeros_in_values_and_gradients(dtype):
+    """Two gathers with a hand-written VJP; the plain formulation is `zeros.at[..., index].set(y)`."""
+    index, width = (0, 2, 3, 6), 8
+    y = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, len(index))), dtype)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(width,)), dtype)
+
+    def plain(y):
+        return jnp.zeros(y.shape[:-1] + (width,), y.dtype).at[..., jnp.asarray(index)].set(y)
+
+    def loss(place):
+        return lambda y: jnp.sum(jnp.sin(place(y)) * w).astype(jnp.float32)
+
+    ours = lambda y: ops.scatter_channels(y, index, width)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ours)(y), np.float32), np.asarray(plain(y), np.float32))
+    g_ours, g_plain = jax.jit(jax.grad(loss(ours)))(y), jax.grad(loss(plain))(y)
+    assert g_ours.dtype == dtype and g_ours.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(g_ours, np.float32), np.asarray(g_plain, np.float32))
+    # channels outside the index are zero; full width in order is the identity
+    assert not np.asarray(ours(y), np.float32)[..., [1, 4, 5, 7]].any()
+    assert ops.scatter_channels(y, tuple(range(len(index))), len(index)) is y
