@@ -93,8 +93,8 @@ def uniform_keep_counts(sizes: list[int], budget: int) -> list[int]:
                          f"(at least one per layer, at most all)")
     quota = [budget * s / sum(sizes) for s in sizes]
     keep = [max(1, int(np.floor(q))) for q in quota]
-    # Proportional shares (not shares of budget - layers over size - 1, which drift by more than a
-    # weight on large kernels); the floors sum to at most `budget` unless some quota is below one.
+    # Shares in proportion to the size itself, so every layer's keep ratio is the same to within a
+    # weight; the floors sum to at most `budget` unless some quota is below one.
     while sum(keep) < budget:
         i = max((i for i in range(len(sizes)) if keep[i] < sizes[i]), key=lambda i: (quota[i] - keep[i], -i))
         keep[i] += 1

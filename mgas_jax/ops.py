@@ -69,9 +69,9 @@ def scatter_channels(y: jax.Array, out_index: Optional[tuple], width: int) -> ja
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _place_channels(y: jax.Array, out_index: tuple, width: int) -> jax.Array:
     # A gather from y with one zero channel appended, not a scatter into zeros: XLA's CPU scatter is an
-    # element loop, 5-15x slower than the gather here at (96, 32, 32, 27) -> 36 channels; and the
-    # backward below is the gather of the cotangent's kept channels, where autodiff of this gather
-    # would be a scatter-add again.
+    # element loop (at (96, 32, 32, 27) -> 36 channels: forward 14x, forward and backward 3x slower
+    # than these gathers). The backward below gathers the cotangent's kept channels, where autodiff of
+    # this gather would be a scatter-add again.
     source = np.full(width, len(out_index), np.int32)
     source[list(out_index)] = np.arange(len(out_index), dtype=np.int32)
     padded = jnp.concatenate([y, jnp.zeros(y.shape[:-1] + (1,), y.dtype)], axis=-1)
