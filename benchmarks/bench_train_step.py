@@ -94,13 +94,13 @@ def _random_masks(model, x):
     return jax.tree.map(lambda s: (rng.random(s.shape) < KEEP_WEIGHTS).astype(np.float32), shapes)
 
 
-def measure_ours(args) -> dict:
+def build_step(args) -> tuple:
+    """(jitted step, model state, inputs) of the training step, or of the eval step with args.eval."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from mgas_jax import modes, network, parallel, train
+    from mgas_jax import network, parallel, train
 
-    kept = modes.keep_freed_host_memory() if not args.system_malloc else False
     config = _config(args)
     dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
     if args.net == "darts_v2":
@@ -127,6 +127,15 @@ def measure_ours(args) -> dict:
     else:
         fn = train.make_train_step(config, model, tx, schedule, mean, std, mesh)
         inputs = (parallel.shard_batch(batch, mesh), jnp.float32(config.model.drop_path), jnp.float32(1.0))
+    return fn, state, inputs
+
+
+def measure_ours(args) -> dict:
+    import jax
+    from mgas_jax import modes, network
+
+    kept = modes.keep_freed_host_memory() if not args.system_malloc else False
+    fn, state, inputs = build_step(args)
     t0 = time.perf_counter()
     compiled = fn.lower(state, *inputs).compile()
     compile_s = time.perf_counter() - t0

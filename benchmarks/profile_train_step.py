@@ -1,6 +1,6 @@
 """Where the retraining step's time goes: one profiled step, its XLA kernels summed by kind.
 
-Builds the step of `bench_train_step.py` (same network, optimizer and batch), runs it once to warm
+Builds the step of `bench_train_step.py` (its `build_step`: same network, optimizer and batch), runs it once to warm
 up, then once under `jax.profiler.trace`, and reads the trace file (`*.trace.json.gz`, no xprof
 needed): the XLA kernels' time summed by fusion kind (`copy_bitcast_fusion.46` counts as
 `copy_bitcast_fusion`), and for the most expensive single kernels the Flax module and operation
@@ -25,32 +25,6 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_train_step as bench  # noqa: E402  (the step's configuration and networks)
-
-
-def build_step(args):
-    """(compiled step, state, inputs) of bench_train_step's training step."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from mgas_jax import modes, network, parallel, train
-
-    modes.keep_freed_host_memory()
-    config = bench._config(args)
-    dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
-    cells = "DARTS_V2" if args.net == "darts_v2" else bench._mgas_cells(args)
-    model = network.build_network(cells, init_channels=args.channels, layers=args.layers,
-                                  num_classes=args.classes, auxiliary=True, dtype=dtype)
-    mesh, shape = parallel.make_mesh(), (args.image, args.image, 3)
-    masks = bench._random_masks(model, jnp.zeros((1,) + shape)) if model.spec.masked else None
-    tx = train.make_optimizer(config, 1000)
-    state = train.create_train_state(config, model.spec, jax.random.key(0), shape, tx=tx, masks=masks, mesh=mesh)
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.integers(0, 256, (args.batch,) + shape, dtype=np.uint8),
-             "label": rng.integers(0, args.classes, (args.batch,), dtype=np.int32)}
-    step = train.make_train_step(config, model, tx, train.learning_rate_schedule(config, 1000),
-                                 np.asarray(bench.common.CIFAR_MEAN), np.asarray(bench.common.CIFAR_STD), mesh)
-    inputs = (parallel.shard_batch(batch, mesh), jnp.float32(config.model.drop_path), jnp.float32(1.0))
-    return step.lower(state, *inputs).compile(), state, inputs
 
 
 def kernel_times(trace_file: str) -> dict:
@@ -82,8 +56,12 @@ def main():
     p.add_argument("--top", type=int, default=12, help="kinds and single kernels to list")
     args = p.parse_args()
     import jax
+    from mgas_jax import modes
 
-    compiled, state, inputs = build_step(args)
+    modes.keep_freed_host_memory()
+    args.eval = False
+    fn, state, inputs = bench.build_step(args)
+    compiled = fn.lower(state, *inputs).compile()
     state, _ = compiled(state, *inputs)   # warm-up (the step donates its state)
     jax.block_until_ready(state)
     with tempfile.TemporaryDirectory() as d:

@@ -91,7 +91,8 @@ def uniform_keep_counts(sizes: list[int], budget: int) -> list[int]:
     if not len(sizes) <= budget <= sum(sizes):
         raise ValueError(f"cannot keep {budget} weights in {len(sizes)} layers of {sum(sizes)} weights "
                          f"(at least one per layer, at most all)")
-    quota = [budget * s / sum(sizes) for s in sizes]
+    total = sum(sizes)
+    quota = [budget * s / total for s in sizes]
     keep = [max(1, int(np.floor(q))) for q in quota]
     # Shares in proportion to the size itself, so every layer's keep ratio is the same to within a
     # weight; the floors sum to at most `budget` unless some quota is below one.

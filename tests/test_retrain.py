@@ -194,7 +194,7 @@ def test_uniform_keep_counts():
     assert all(abs(c - ratio * n) <= 1.0 + 1e-9 for c, n in zip(counts, [9, 36, 100, 7]))
     assert baselines.uniform_keep_counts([3, 4], 7) == [3, 4]
     # one large kernel among small ones keeps its own share (shares of budget - layers in proportion to
-    # size - 1 left it 6 weights short here)
+    # size - 1 kept 153 of its 160 here)
     sizes = [400] + [16] * 20
     counts = baselines.uniform_keep_counts(sizes, 288)
     assert sum(counts) == 288 and counts[0] == 160
