@@ -121,17 +121,53 @@ class Conv(nn.Module):
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if self.depthwise:
             return kernels.depthwise_conv(x, kernel, stride=self.stride, dilation=self.dilation, impl=self.impl)
-        if k == 1 and self.stride == 1:
-            return kernels.pointwise_conv(x, kernel)
+        if k == 1:
+            # a strided 1x1 conv reads every stride-th pixel: subsample, then one matmul. XLA CPU's
+            # strided convolution made FactorizedReduce slower than PyTorch's (benchmarks/README.md
+            # section 9); this form took a retraining step from 11-13 s to 9.2-9.5 s (section 12)
+            return kernels.pointwise_conv(x[:, ::self.stride, ::self.stride, :], kernel)
         pad = kernels.same_padding(k, self.dilation)
         return jax.lax.conv_general_dilated(
             x, kernel, (self.stride, self.stride), [(pad, pad)] * 2, rhs_dilation=(self.dilation,) * 2,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def batch_norm(train: bool, affine: bool, name: Optional[str] = None) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                        use_scale=affine, use_bias=affine, name=name)
+class BatchNorm(nn.Module):
+    """flax.linen.BatchNorm over every axis but the last: the same variables (params `scale`, `bias`;
+    batch_stats `mean`, `var`), initial values, running-average rule and results, with the training
+    forward and backward of `kernels.batch_norm_train` (fewer passes over the activations than
+    autodiff of Flax's formula). Eval mode is Flax's formula as written there. The batch variance
+    takes two passes (flax.linen.BatchNorm(use_fast_variance=False)) unless `use_fast_variance`.
+    """
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPS
+    use_scale: bool = True
+    use_bias: bool = True
+    use_fast_variance: bool = False   # two passes: see kernels.batch_norm_train
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        # absent affine parameters take x's dtype, so that (as in Flax) they do not promote the output
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32) if self.use_scale \
+            else jnp.ones((c,), x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32) if self.use_bias \
+            else jnp.zeros((c,), x.dtype)
+        if self.use_running_average:
+            mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+            return ((x - ra_mean.value) * mul + bias).astype(jnp.result_type(x, scale, bias))
+        y, mean, var = kernels.batch_norm_train(x, scale, bias, self.epsilon, self.use_fast_variance)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
+def batch_norm(train: bool, affine: bool, name: Optional[str] = None) -> BatchNorm:
+    return BatchNorm(use_running_average=not train, use_scale=affine, use_bias=affine, name=name)
 
 
 class FilterGate(nn.Module):

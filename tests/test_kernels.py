@@ -7,6 +7,7 @@ and 2, dilations 1 and 2, odd and even input sizes, and explicit paddings other 
 (including one wider than the kernel's reach, where the input gradient crops). Shapes are tiny; each
 case is one jit-compiled function.
 """
+import functools
 import itertools
 
 import chex
@@ -177,3 +178,91 @@ def test_max_pool_bfloat16():
     y = kernels.max_pool_3x3(x, 1, "shift_vjp")
     assert y.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(_plain_max_pool(x, 1), np.float32))
+
+
+def _bn_results(module, variables, x, cotangent, stat_weights):
+    """y, the updated batch_stats and the gradients w.r.t. x and params of a loss that reads y and,
+    through stat_weights, the updated running statistics (so their cotangents are not zero)."""
+    def loss(x, params):
+        y, new = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                              mutable=["batch_stats"])
+        stats = new["batch_stats"]
+        extra = jnp.sum(stats["mean"] * stat_weights[0]) + jnp.sum(stats["var"] * stat_weights[1])
+        return jnp.sum(y.astype(jnp.float32) * cotangent) + extra, (y, stats)
+    (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        x, variables.get("params", {}))
+    return y, stats, grads
+
+
+@pytest.mark.parametrize("train,fast_variance", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batch_norm_matches_flax(train, fast_variance, affine, dtype):
+    """ops.BatchNorm (kernels.batch_norm_train's custom VJP in training mode) against
+    flax.linen.BatchNorm: the same variables, outputs and their dtype, running statistics, and
+    gradients w.r.t. the input, scale and bias, including what the running statistics' cotangents
+    add to the input gradient."""
+    from mgas_jax import ops
+    ours = ops.BatchNorm(use_running_average=not train, use_scale=affine, use_bias=affine,
+                         use_fast_variance=fast_variance)
+    flax_bn = nn.BatchNorm(use_running_average=not train, momentum=ops.BN_MOMENTUM, epsilon=ops.BN_EPS,
+                           use_scale=affine, use_bias=affine, use_fast_variance=fast_variance)
+    keys = jax.random.split(jax.random.key(0), 6)
+    # a mean far from 0 and per-channel spreads: the one-pass variance and the backward's sums matter
+    x = (3.0 + jax.random.normal(keys[0], (4, 5, 6, 7)) * jnp.arange(1, 8)).astype(dtype)
+    v_ours, v_flax = ours.init(keys[1], x), flax_bn.init(keys[1], x)
+    chex.assert_trees_all_equal_shapes_and_dtypes(v_ours, v_flax)
+    chex.assert_trees_all_equal(v_ours, v_flax)
+    variables = {"batch_stats": {"mean": 0.1 * jnp.arange(7.0), "var": 1 + 0.2 * jnp.arange(7.0)}}
+    if affine:
+        variables["params"] = {"scale": 1 + 0.3 * jax.random.normal(keys[2], (7,)),
+                               "bias": jax.random.normal(keys[3], (7,))}
+    cotangent = jax.random.normal(keys[4], x.shape)
+    stat_weights = jax.random.normal(keys[5], (2, 7))
+    got = _bn_results(ours, variables, x, cotangent, stat_weights)
+    want = _bn_results(flax_bn, variables, x, cotangent, stat_weights)
+    assert got[0].dtype == want[0].dtype
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == "float32" else dict(atol=0.05, rtol=0.02)
+    chex.assert_trees_all_close(got, want, **tol)
+    if train:   # a real check: the input gradient is not near zero
+        assert float(jnp.abs(got[2][0].astype(jnp.float32)).max()) > 0.01
+
+
+@pytest.mark.parametrize("fast_variance", [False, True])
+def test_batch_norm_train_gradient_matches_autodiff(fast_variance):
+    """kernels.batch_norm_train's backward equals autodiff of the plain formula (one- or two-pass
+    variance), cotangents on all three outputs, in float32 at a tight tolerance."""
+    def plain(x, scale, bias, eps):
+        mean = x.mean((0, 1, 2))
+        var = jnp.maximum(0.0, (x * x).mean((0, 1, 2)) - mean * mean) if fast_variance \
+            else jnp.square(x - mean).mean((0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, mean, var
+
+    keys = jax.random.split(jax.random.key(1), 6)
+    x = 1.5 + jax.random.normal(keys[0], (3, 4, 4, 5))
+    scale, bias = jax.random.normal(keys[1], (5,)), jax.random.normal(keys[2], (5,))
+    cts = (jax.random.normal(keys[3], x.shape), jax.random.normal(keys[4], (5,)), jax.random.normal(keys[5], (5,)))
+
+    def vjp(f):
+        out, pull = jax.vjp(lambda x, s, b: f(x, s, b, 1e-5), x, scale, bias)
+        return out, pull(cts)
+    ours = functools.partial(kernels.batch_norm_train, fast_variance=fast_variance)
+    chex.assert_trees_all_close(jax.jit(lambda: vjp(ours))(), jax.jit(lambda: vjp(plain))(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_strided_pointwise_conv_matches_lax(size):
+    """ops.Conv's 1x1 stride-2 conv (FactorizedReduce's halves: subsample, then a matmul) against
+    the strided convolution, values and gradients, on odd and even inputs."""
+    from mgas_jax import ops
+    keys = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(keys[0], (2, size, size, 5))
+    conv = ops.Conv(6, 1, stride=2)
+    variables = conv.init(keys[1], x)
+    cotangent = jax.random.normal(keys[2], (2, (size + 1) // 2, (size + 1) // 2, 6))
+    strided = functools.partial(jax.lax.conv_general_dilated, window_strides=(2, 2), padding=[(0, 0)] * 2,
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = _value_and_grads(lambda x, k: conv.apply({"params": {"kernel": k}}, x), x,
+                           variables["params"]["kernel"], cotangent)
+    want = _value_and_grads(strided, x, variables["params"]["kernel"], cotangent)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
