@@ -19,20 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_depthwise import min_time  # noqa: E402  (this directory is on the path of a script)
 
 
-def best_ms(fn, *args, repeats: int = 10) -> float:
+def best_ms(fn, *args, repeats: int) -> float:
+    """Milliseconds of the fastest of `repeats` runs of fn(*args), after one warm-up run."""
     import jax
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return 1e3 * min_time(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def main():

@@ -289,12 +289,11 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return (x.reshape(-1, ci) @ kernel.reshape(ci, co)).reshape(x.shape[:-1] + (co,))
 
 
-def _channel_sums(a: jax.Array, b: jax.Array) -> tuple:
-    """(sum of a, sum of b) over every axis but the last, in float32. Two plain reductions, which
-    XLA CPU emits as vectorized loops (and may fuse into one); as one variadic `lax.reduce` they
-    ran 5x slower at (96, 32, 32, 36), its generic loop reading the channels strided."""
-    axes = tuple(range(a.ndim - 1))
-    return a.astype(jnp.float32).sum(axes), b.astype(jnp.float32).sum(axes)
+def _channel_sum(a: jax.Array) -> jax.Array:
+    """The sum of a over every axis but the last, in float32: a plain reduction, which XLA CPU emits
+    as a vectorized loop. Two sums as one variadic `lax.reduce` ran 5x slower at (96, 32, 32, 36),
+    its generic loop reading the channels strided."""
+    return a.astype(jnp.float32).sum(tuple(range(a.ndim - 1)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -319,13 +318,10 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
 
 def _batch_norm_stats(x32, fast_variance):
     n = x32.size // x32.shape[-1]
-    axes = tuple(range(x32.ndim - 1))
+    mean = _channel_sum(x32) / n
     if not fast_variance:
-        mean = x32.sum(axes) / n
-        return mean, jnp.square(x32 - mean).sum(axes) / n
-    s1, s2 = _channel_sums(x32, x32 * x32)
-    mean = s1 / n
-    return mean, jnp.maximum(0.0, s2 / n - mean * mean)
+        return mean, _channel_sum(jnp.square(x32 - mean)) / n
+    return mean, jnp.maximum(0.0, _channel_sum(x32 * x32) / n - mean * mean)
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon, fast_variance):
@@ -344,7 +340,7 @@ def _batch_norm_bwd(epsilon, fast_variance, residuals, cotangents):
     n = x.size // x.shape[-1]
     g32 = g.astype(jnp.float32)
     xc = x.astype(jnp.float32) - mean
-    sum_g, sum_gxc = _channel_sums(g32, g32 * xc)
+    sum_g, sum_gxc = _channel_sum(g32), _channel_sum(g32 * xc)
     a = rstd * scale.astype(jnp.float32)
     # d/dx of (x - mean) * a with the batch's mean and rstd: a * (g - mean(g) - xhat * mean(g * xhat)),
     # xhat = (x - mean) * rstd; plus what the statistics' own cotangents (the running averages) add:
