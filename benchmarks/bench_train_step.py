@@ -132,17 +132,21 @@ def build_step(args) -> tuple:
 
 def measure_ours(args) -> dict:
     import jax
-    from mgas_jax import modes, network
+    from mgas_jax import loop, modes, network
 
-    kept = modes.keep_freed_host_memory() if not args.system_malloc else False
+    kept = modes.keep_freed_host_memory() if not args.system_malloc else ""
     fn, state, inputs = build_step(args)
     t0 = time.perf_counter()
     compiled = fn.lower(state, *inputs).compile()
     compile_s = time.perf_counter() - t0
 
+    wait = loop.one_step_at_a_time()   # as the training's loop does
+
     def run(n, state):
         out = None
         for _ in range(n):
+            if wait:
+                jax.block_until_ready((state, out))
             result = compiled(state, *inputs)
             # the eval step returns its sums only; the train step (new state, metrics)
             state, out = (state, result) if args.eval else result
@@ -165,7 +169,7 @@ def measure_ours(args) -> dict:
                 peak_rss_mb=common._peak_rss_mb(), run_rss_mb=sampler.peak_mb, xla_mb=xla_mb,
                 peak_device_mb=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
                 params_dense=counts["dense"], params_nonzero=counts["nonzero"], finite=finite,
-                malloc="kept" if kept else "system")
+                malloc=kept or "system")
 
 
 # ----------------------------------------------------------------------------------------------

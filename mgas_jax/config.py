@@ -205,9 +205,10 @@ SCHEMA: dict[str, Any] = {
                                    "set, else <workdir>/xla_cache; 'off' = none; runs of the same network "
                                    "can share one directory", default="", semantic=False),
     "keep_freed_host_memory": Field(bool, None, "malloc keeps freed memory for reuse instead of unmapping it "
-                                    "(Linux, glibc): XLA CPU allocates each program's buffers afresh and fresh "
-                                    "pages cost a page fault each (a search step runs ~1.3x faster, "
-                                    "benchmarks/README.md section 8); the process keeps its peak RSS",
+                                    "(Linux, glibc; on the CPU backend all threads share one arena): XLA CPU "
+                                    "allocates each program's buffers afresh and fresh pages cost a page fault "
+                                    "each (a search step runs ~1.3x faster, the retraining step ~1.7x, "
+                                    "benchmarks/README.md sections 8 and 13); the process keeps its peak RSS",
                                     default=True, semantic=False),
     "data": {
         "name": Field(str, one_of(*DATASETS), "data set", default="cifar10"),

@@ -9,6 +9,7 @@ continues at the batch after its checkpoint), a progress bar, a stop request (SI
 checkpoint.StopSignals) answered by checkpointing the exact position and raising
 `checkpoint.Preempted`, the non-finite check of every step, and the time of a first step that
 compiles. The host reads the metrics back once per window (`check_every` steps), never per step.
+On the CPU backend each step waits for the one before it (`one_step_at_a_time`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ import jax
 
 from mgas_jax import checkpoint as checkpoint_lib
 from mgas_jax import metrics as metrics_lib
+
+
+def one_step_at_a_time() -> bool:
+    """Whether a loop should wait for each step's result before it dispatches the next: on the CPU.
+
+    Why: XLA CPU takes a program's buffers from malloc when the program is set to run. With freed
+    memory kept for reuse (modes.keep_freed_host_memory, which a run sets up), a step set to run
+    while the last one still holds its buffers takes other memory, and that memory stays with the
+    process: the retraining step at C 36, batch 96 grew from 10 GB to over 15 GB with three steps
+    dispatched at once (benchmarks/README.md section 13). The wait gives up only the overlap of
+    Python's dispatch with the step before, on cores that both share.
+    """
+    return jax.default_backend() == "cpu"
 
 
 @dataclasses.dataclass
@@ -43,7 +57,7 @@ class EpochRun:
 def run_epoch(state, step: Callable, batches: Iterable, *, start: int, total: int,
               stop: checkpoint_lib.StopSignals, save: Callable[[Any, int, list], str], where: str, desc: str,
               show: bool = True, check_every: int = 0, on_check: Optional[Callable[[Any, list], Optional[dict]]] = None,
-              on_compiled: Optional[Callable[[float], None]] = None) -> EpochRun:
+              on_compiled: Optional[Callable[[float], None]] = None, wait: Optional[bool] = None) -> EpochRun:
     """Runs the steps of batches [start, total) of an epoch.
 
     Args:
@@ -62,14 +76,19 @@ def run_epoch(state, step: Callable, batches: Iterable, *, start: int, total: in
         becomes the progress bar's postfix.
       on_compiled: fn(seconds) after the first step, which then waits for its result: the step
         compiled in that time (with the first batch's loading).
+      wait: wait for each step's state before the next step is dispatched (the next batch is loaded
+        meanwhile); None: `one_step_at_a_time()`.
     Returns:
       EpochRun; the loop ends at the first window holding a step that was not finite.
     """
     bar = metrics_lib.progress_bar(total, desc, enabled=show, initial=start)  # log lines go above it
     done, window, end = [], [], start
+    wait = one_step_at_a_time() if wait is None else wait
     t0 = time.time()
     try:
         for i, batch in enumerate(itertools.islice(batches, start, total), start):
+            if wait and i > start:
+                jax.block_until_ready(state)
             state, metrics = step(state, i, batch)
             if on_compiled is not None and i == start:
                 jax.block_until_ready(metrics)

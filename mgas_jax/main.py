@@ -149,14 +149,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     try:
+        config = FLAGS.config
+        # First of all: malloc's arena limit only holds for threads that have not allocated yet, and
+        # starting JAX's backend (which validation does, to count devices) starts XLA's threads.
+        modes.setup_host_memory(config)
         if FLAGS.multihost:
             parallel.initialize_multihost()
         checkpoint.quiet_orbax_logs()
-        config = FLAGS.config
         # Before any compute: a typo in a key should cost seconds, not an epoch. Validated once for the run.
         with config_lib.validated(config):
             modes.setup_compilation_cache(config, FLAGS.workdir)
-            modes.setup_host_memory(config)
             modes.run(config, FLAGS.workdir)
     except tuple(EXIT_CODES) as e:
         if FLAGS.traceback:

@@ -10,8 +10,11 @@ too; main.py calls it.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
 import sys
+import tempfile
 from typing import Any, Callable, Optional
 
 import jax
@@ -82,30 +85,84 @@ def setup_compilation_cache(config, workdir: str) -> Optional[str]:
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 
 
-def keep_freed_host_memory() -> bool:
-    """Makes this process's malloc keep freed memory for reuse; True where it could (Linux, glibc).
-
-    Why: XLA's CPU backend allocates every program's buffers afresh on each run. glibc serves large
-    blocks with mmap and returns them with munmap, so each run pays a page fault per 4 KiB of its
-    buffers; a step made of many programs (search.programs = 'cell' or 'edge') pays it on every one.
-    With mmap off and no trimming, freed blocks stay in the heap and the next run reuses pages already
-    mapped. The cost: memory freed at the peak stays with the process (RSS does not drop after it).
-    Measured in benchmarks/README.md, section 8. Other C libraries are left alone.
-    """
+def _glibc():
+    """This process's C library through ctypes when it is glibc (which has mallopt's options), else None."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(None)            # the C library this process already uses
         libc.gnu_get_libc_version           # glibc only: musl's malloc has no such options
-        mallopt = libc.mallopt
+        libc.mallopt, libc.malloc_info, libc.fopen, libc.fclose
     except (OSError, AttributeError):
+        return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.fopen.argtypes, libc.fopen.restype = [ctypes.c_char_p, ctypes.c_char_p], ctypes.c_void_p
+    libc.fclose.argtypes, libc.malloc_info.argtypes = [ctypes.c_void_p], [ctypes.c_int, ctypes.c_void_p]
+    return libc
+
+
+def malloc_arenas(libc=None) -> int:
+    """How many malloc arenas this process has (glibc's malloc_info); 0 where that cannot be read.
+
+    glibc gives a thread its own arena on the thread's first allocation, up to 8 per core; an arena
+    other than the main one grows in 64 MiB heaps and serves any larger block with mmap.
+    """
+    libc = libc or _glibc()
+    if libc is None:
+        return 0
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        stream = libc.fopen(f"/proc/self/fd/{f.fileno()}".encode(), b"w")
+        if not stream:
+            return 0
+        libc.malloc_info(0, stream)
+        libc.fclose(stream)
+        f.seek(0)
+        return f.read().count(b"<heap nr=")
+
+
+def _runs_on_the_cpu() -> bool:
+    """Whether JAX will compute on the host: JAX_PLATFORMS (jax_platforms) names the CPU first, or it is
+    unset and no accelerator plugin (CUDA/ROCm PJRT plugin, libtpu) is installed. Read without
+    starting a backend, which would start XLA's threads."""
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    if importlib.util.find_spec("libtpu") is not None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 256 << 20))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    return not any(True for _ in importlib.metadata.entry_points(group="jax_plugins"))
+
+
+def keep_freed_host_memory(one_arena: Optional[bool] = None) -> str:
+    """Makes this process's malloc keep freed memory for reuse. Returns how ('kept', or
+    'kept,one-arena'), or '' where it could not (not Linux with glibc).
+
+    Why: XLA's CPU backend allocates every program's buffers afresh on each run, from its worker
+    threads. glibc serves large blocks with mmap and returns them with munmap, so each run pays a
+    page fault per 4 KiB of its buffers (a retraining step at C 36, batch 96: 2.1 million faults and
+    7 s of system time). Three settings keep the pages: no mmap for large blocks, no trimming of the
+    heap's free top at any size, and (`one_arena`) a single arena for all threads, because a
+    thread's own arena serves blocks over 64 MiB with mmap whatever the first setting says. The
+    single arena only takes where no thread has allocated yet (the process has one arena), so call
+    this before JAX starts its backend; `one_arena=None` chooses it where JAX will compute on the
+    CPU (on an accelerator the host's large buffers are few and the data pipeline's threads keep
+    their own arenas). The cost: memory freed at the peak stays with the process (RSS does not drop
+    after it). Measured in benchmarks/README.md, sections 8 and 13. Other C libraries are left alone.
+    """
+    libc = _glibc()
+    if libc is None:
+        return ""
+    if one_arena is None:
+        one_arena = _runs_on_the_cpu()
+    one_arena = one_arena and malloc_arenas(libc) == 1
+    # -1 is the largest size_t: an int of 2**31 - 1 would let a free top over 2 GiB be trimmed
+    settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 256 << 20)]
+    settings += [(_M_ARENA_MAX, 1)] if one_arena else []
+    if not all(libc.mallopt(param, value) == 1 for param, value in settings):
+        return ""
+    return "kept,one-arena" if one_arena else "kept"
 
 
 def setup_host_memory(config) -> bool:
@@ -114,8 +171,8 @@ def setup_host_memory(config) -> bool:
         logging.info("host malloc: system default")
         return False
     kept = keep_freed_host_memory()
-    logging.info("host malloc: %s", "keeps freed memory for reuse" if kept else "system default (not glibc)")
-    return kept
+    logging.info("host malloc: %s", f"keeps freed memory for reuse ({kept})" if kept else "system default (not glibc)")
+    return bool(kept)
 
 
 # The hashes logged when a mode starts: those of the runs it makes that resume from checkpoints, each

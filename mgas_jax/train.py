@@ -299,7 +299,10 @@ def evaluate(p_eval_step, state: TrainState, split: data_lib.Split, *, batch_siz
         return {}
     local = batch_size // jax.process_count()
     totals = None
+    wait = loop.one_step_at_a_time()
     for batch in split.batches(batch_size, epoch=0, seed=0, shuffle=False, drop_remainder=False):
+        if wait and totals is not None:
+            jax.block_until_ready(totals)
         sums = p_eval_step(state, parallel.shard_batch(parallel.pad_batch(batch, local), mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)

@@ -87,3 +87,34 @@ def test_sigterm_and_ctrl_c_only_flag_and_a_second_ctrl_c_stops_at_once():
         os.kill(os.getpid(), signal.SIGINT)      # the first Ctrl-C after a SIGTERM: still only a flag
         assert stop.signal == "SIGTERM"
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _slow_steps(wait):
+    """run_epoch over 4 steps of ~0.1 s; returns whether each step's incoming state was ready."""
+    import jax
+
+    @jax.jit
+    def work(state):
+        m = jnp.full((256, 256), 1e-3, jnp.float32) + state
+        return jax.lax.fori_loop(0, 100, lambda _, a: jnp.tanh(a @ m), m).mean()
+
+    ready = []
+
+    def step(state, i, batch):
+        ready.append(state.is_ready())
+        state = work(state)
+        return state, {"finite": jnp.float32(1.0)}
+
+    loop.run_epoch(jnp.float32(0.0), step, iter(range(4)), start=0, total=4, stop=_Flag(),
+                   save=lambda *a: "/ckpt", where="", desc="", show=False, wait=wait)
+    return ready[1:]
+
+
+def test_on_the_cpu_each_step_waits_for_the_one_before():
+    """On the CPU a step is dispatched only once the state it reads is computed (with freed host memory
+    kept, overlapping steps would each hold their own buffers: loop.one_step_at_a_time); without the
+    wait the next step is dispatched while the last one still runs."""
+    import jax
+    assert loop.one_step_at_a_time() == (jax.default_backend() == "cpu")
+    assert all(_slow_steps(wait=None if jax.default_backend() == "cpu" else True))
+    assert not all(_slow_steps(wait=False))
