@@ -123,11 +123,11 @@ def malloc_arenas(libc=None) -> int:
         return f.read().count(b"<heap nr=")
 
 
-def _runs_on_the_cpu() -> bool:
-    """Whether JAX will compute on the host: JAX_PLATFORMS (jax_platforms) names the CPU first, or it is
-    unset and no accelerator plugin (CUDA/ROCm PJRT plugin, libtpu) is installed. Read without
-    starting a backend, which would start XLA's threads."""
-    platforms = jax.config.jax_platforms
+def runs_on_the_cpu(platforms: Optional[str] = None) -> bool:
+    """Whether JAX will compute on the host: `platforms` (default: JAX_PLATFORMS, jax.config's
+    jax_platforms) names the CPU first, or it is unset and no accelerator plugin (a CUDA/ROCm PJRT
+    plugin, libtpu) is installed. Read without starting a backend, which would start XLA's threads."""
+    platforms = jax.config.jax_platforms if platforms is None else platforms
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
     if importlib.util.find_spec("libtpu") is not None:
@@ -155,7 +155,7 @@ def keep_freed_host_memory(one_arena: Optional[bool] = None) -> str:
     if libc is None:
         return ""
     if one_arena is None:
-        one_arena = _runs_on_the_cpu()
+        one_arena = runs_on_the_cpu()
     one_arena = one_arena and malloc_arenas(libc) == 1
     # -1 is the largest size_t: an int of 2**31 - 1 would let a free top over 2 GiB be trimmed
     settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 256 << 20)]

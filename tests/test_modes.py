@@ -124,3 +124,20 @@ def test_an_xla_programs_buffers_are_reused_from_any_thread():
     assert all(f >= pages // 2 for f in system + thread_arenas), (system, thread_arenas)
     # most runs reuse the pages of the one before; a run now and then takes the block elsewhere
     assert sum(f < pages // 100 for f in kept) >= 3, kept
+
+
+def test_one_arena_is_chosen_only_where_jax_computes_on_the_cpu(monkeypatch):
+    """JAX_PLATFORMS decides when set (its first entry); unset, an installed accelerator plugin means
+    JAX will not compute on the host."""
+    from mgas_jax import modes
+    assert modes.runs_on_the_cpu("cpu") and modes.runs_on_the_cpu("cpu,cuda")
+    assert not modes.runs_on_the_cpu("cuda,cpu") and not modes.runs_on_the_cpu("tpu")
+    monkeypatch.setattr(modes.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(modes.importlib.metadata, "entry_points", lambda group: [])
+    assert modes.runs_on_the_cpu("")
+    monkeypatch.setattr(modes.importlib.metadata, "entry_points",
+                        lambda group: ["xla_cuda12"] if group == "jax_plugins" else [])
+    assert not modes.runs_on_the_cpu("")
+    monkeypatch.setattr(modes.importlib.metadata, "entry_points", lambda group: [])
+    monkeypatch.setattr(modes.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+    assert not modes.runs_on_the_cpu("")
