@@ -149,7 +149,9 @@ def keep_freed_host_memory(one_arena: Optional[bool] = None) -> str:
     this before JAX starts its backend; `one_arena=None` chooses it where JAX will compute on the
     CPU (on an accelerator the host's large buffers are few and the data pipeline's threads keep
     their own arenas). The cost: memory freed at the peak stays with the process (RSS does not drop
-    after it). Measured in benchmarks/README.md, sections 8 and 13. Other C libraries are left alone.
+    after it), and a loop that dispatches a step while the last one runs holds the memory of both for
+    good, so loops should wait for each step first (loop.one_step_at_a_time). Measured in
+    benchmarks/README.md, sections 8 and 13. Other C libraries are left alone.
     """
     libc = _glibc()
     if libc is None:
