@@ -83,6 +83,7 @@ def measure_ours(args, stage: int | None = None) -> dict:
     t0 = time.perf_counter()
     v = supernet.init_variables(spec, key, (args.image, args.image, 3))
     init_s = time.perf_counter() - t0
+    jax.clear_caches()   # the init's op-by-op programs, as Searcher.fresh_state drops them before any step
     trainable = {"params": v["params"], "arch": v["arch"]}
     state = search_step.SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
                                     batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))

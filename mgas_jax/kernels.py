@@ -19,8 +19,13 @@ The formulations ('auto' picks 'shift_vjp' on CPU, 'lax' elsewhere):
 
 The 3x3 pools have shift forms too (`max_pool_3x3`, `avg_pool_3x3`), picked by the same `impl`.
 
-On every backend, without an `impl`: the 1x1 conv as one 2-d matmul (`pointwise_conv`) and the
-training-mode BatchNorm with its own VJP (`batch_norm_train`, used by ops.BatchNorm).
+On every backend, without an `impl`: the 1x1 conv as one 2-d matmul (`pointwise_conv`), the
+training-mode BatchNorm with its own VJP (`batch_norm_train`, used by ops.BatchNorm), and a ReLU whose
+derivative reads its output (`relu`). The last two, and the ReLU inside the 'shift_vjp' depthwise
+kernel (`depthwise_conv(relu=True)`), decide what a training step keeps for its backward: one
+activation per BatchNorm instead of two, and no ReLU input (a cell's output, a sum of ops) kept alive
+for the ReLU's derivative. They took the retraining step's XLA buffers from 8.4 to 5.7 GB
+(benchmarks/README.md section 14).
 
 Layout everywhere: NHWC activations, HWIO kernels (depthwise: (k, k, 1, C)).
 """
@@ -113,15 +118,15 @@ def _materialized(x):
     return x / (1 + 0 * x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _depthwise_shift_vjp(x, kernel, stride, dilation, padding):
-    return _taps_sum(_materialized(_pad(x, padding)), kernel, stride, dilation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _depthwise_shift_vjp(x, kernel, stride, dilation, padding, relu):
+    return _shift_vjp_fwd(x, kernel, stride, dilation, padding, relu)[0]
 
 
-def _shift_vjp_fwd(x, kernel, stride, dilation, padding):
+def _shift_vjp_fwd(x, kernel, stride, dilation, padding, relu):
     # the padded input, made in one pass with x's producer, is what the taps and the kernel
     # gradient read: the backward needs no pad of its own
-    xp = _materialized(_pad(x, padding))
+    xp = _materialized(_pad(jnp.maximum(x, 0) if relu else x, padding))
     return _taps_sum(xp, kernel, stride, dilation), (xp, kernel)
 
 
@@ -145,7 +150,7 @@ def _kernel_grad(xp, g, k, stride, dilation):
     return jnp.stack(per_image).sum(axis=1).reshape(k, k, 1, xp.shape[-1])
 
 
-def _shift_vjp_bwd(stride, dilation, padding, residuals, g):
+def _shift_vjp_bwd(stride, dilation, padding, relu, residuals, g):
     xp, kernel = residuals
     g = _materialized(g)
     k = kernel.shape[0]
@@ -153,6 +158,10 @@ def _shift_vjp_bwd(stride, dilation, padding, residuals, g):
     # Input gradient: dx[m] = sum_i g_dilated[m + p - i d] tap[i]: the stride-1 conv of the spread,
     # padded g (h x w out) with the flipped taps.
     dx = _taps_sum(_spread_pad(g, 0, k, dilation, padding, stride, h, w), kernel[::-1, ::-1], 1, dilation)
+    if relu:
+        # the ReLU's derivative from its output, which xp holds: its input is not needed
+        inside = jax.lax.slice(xp, (0, padding, padding, 0), (xp.shape[0], padding + h, padding + w, xp.shape[3]))
+        dx = jnp.where(inside > 0, dx, 0)
     dk = _kernel_grad(xp, g, k, stride, dilation).astype(kernel.dtype)
     # dx feeds the sum of every consumer's gradient of this state, read by several fusions (BN and
     # gate backward, other ops' taps): materialize it once instead of recomputing k*k taps in each.
@@ -163,8 +172,8 @@ _depthwise_shift_vjp.defvjp(_shift_vjp_fwd, _shift_vjp_bwd)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation: int = 1,
-                   padding: int | None = None, impl: str = "auto") -> jax.Array:
-    """Depthwise 2-D convolution.
+                   padding: int | None = None, impl: str = "auto", relu: bool = False) -> jax.Array:
+    """Depthwise 2-D convolution, of relu(x) with `relu`.
 
     Args:
       x: (N, H, W, C) input.
@@ -173,6 +182,10 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation
       padding: symmetric zero padding; default keeps the size at stride 1.
       impl: 'auto', 'lax' (native grouped convolution), 'shift' (sum of k*k shifted products) or
         'shift_vjp' (shift forward and input gradient, native kernel gradient); see the module doc.
+      relu: convolve max(x, 0). With 'shift_vjp' the ReLU is part of the kernel, whose backward
+        takes the ReLU's derivative from the padded ReLU output it saves anyway: x itself (a sum of
+        ops, a cell's input) need not stay alive until the backward. The values and gradients are
+        those of `depthwise_conv(jax.nn.relu(x), ...)`.
     Returns:
       (N, H_out, W_out, C).
     """
@@ -180,11 +193,32 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation
     if padding is None:
         padding = same_padding(k, dilation)
     impl = resolve_impl(impl)
+    if impl == "shift_vjp":
+        return _depthwise_shift_vjp(x, kernel, stride, dilation, padding, relu)
+    if relu:
+        x = jax.nn.relu(x)
     if impl == "lax":
         return _depthwise_lax(x, kernel, stride, dilation, padding)
-    if impl == "shift_vjp":
-        return _depthwise_shift_vjp(x, kernel, stride, dilation, padding)
     return _depthwise_shift(x, kernel, stride, dilation, padding)
+
+
+@jax.custom_jvp
+def relu(x: jax.Array) -> jax.Array:
+    """max(x, 0), computed into its own buffer, with its derivative taken from that output.
+
+    For a ReLU before a matmul (a 1x1 conv), which saves the ReLU's output for its kernel gradient:
+    jax.nn.relu's derivative reads the input, so its input (a cell's concatenated output) would stay
+    alive until the backward too. The output is materialized (`_materialized`) so that XLA reads it
+    in the backward instead of recomputing it from the input. Same values and derivatives as
+    jax.nn.relu (y > 0 exactly where x > 0); an infinite input gives nan.
+    """
+    return _materialized(jnp.maximum(x, 0))
+
+
+@relu.defjvp
+def _relu_jvp(primals, tangents):
+    y = relu(primals[0])
+    return y, jnp.where(y > 0, tangents[0], jnp.zeros_like(tangents[0]))
 
 
 def _pool_out(x, stride):
@@ -329,17 +363,26 @@ def _batch_norm_fwd(x, scale, bias, epsilon, fast_variance):
     mean, var = _batch_norm_stats(x32, fast_variance)
     rstd = jax.lax.rsqrt(var + epsilon)
     a = rstd * scale.astype(jnp.float32)
-    y = (x32 - mean) * a + bias.astype(jnp.float32)
+    # The backward reads x - mean. Saved as x, XLA CSEs the backward's x - mean with the forward's
+    # and then keeps both alive until the backward (the buffer the two-pass variance reads, and x
+    # for the fusions that recompute it): two activations per BatchNorm. Saved as x - mean,
+    # materialized (XLA does not duplicate a division into other fusions), it is the only one: x
+    # dies in the forward. In float32 that is x's size; a narrower x is saved as it is, half of it.
+    centred = x.dtype == jnp.float32
+    xc = _materialized(x32 - mean) if centred else x32 - mean
+    y = xc * a + bias.astype(jnp.float32)
     out = y.astype(jnp.result_type(x, scale, bias))
-    return (out, mean, var), (x, mean, rstd, scale, bias)
+    return (out, mean, var), (xc if centred else x, mean, rstd, scale, bias)
 
 
 def _batch_norm_bwd(epsilon, fast_variance, residuals, cotangents):
-    x, mean, rstd, scale, bias = residuals
+    saved, mean, rstd, scale, bias = residuals
     g, g_mean, g_var = cotangents
-    n = x.size // x.shape[-1]
+    n = saved.size // saved.shape[-1]
     g32 = g.astype(jnp.float32)
-    xc = x.astype(jnp.float32) - mean
+    # saved is x - mean when x is float32 (_batch_norm_fwd), else x
+    centred = saved.dtype == jnp.float32
+    xc = saved if centred else saved.astype(jnp.float32) - mean
     sum_g, sum_gxc = _channel_sum(g32), _channel_sum(g32 * xc)
     a = rstd * scale.astype(jnp.float32)
     # d/dx of (x - mean) * a with the batch's mean and rstd: a * (g - mean(g) - xhat * mean(g * xhat)),
@@ -347,7 +390,7 @@ def _batch_norm_bwd(epsilon, fast_variance, residuals, cotangents):
     # g_mean / n and g_var * 2 (x - mean) / n. All per channel but xc and g.
     coef_xc = (2 * g_var - a * rstd * rstd * sum_gxc) / n
     shift = (g_mean - a * sum_g) / n
-    dx = (g32 * a + xc * coef_xc + shift).astype(x.dtype)
+    dx = (g32 * a + xc * coef_xc + shift).astype(jnp.float32 if centred else saved.dtype)
     return dx, (sum_gxc * rstd).astype(scale.dtype), sum_g.astype(bias.dtype)
 
 

@@ -97,6 +97,9 @@ class Conv(nn.Module):
       kernel_size, stride, dilation: as in PyTorch; padding keeps the size at stride 1.
       depthwise: one filter per input channel.
       masked: the kernel has a 0/1 mask in collection `masks` (weight-level pruning).
+      relu: convolve relu(x), with a ReLU whose backward does not read x (kernels.relu, or the
+        depthwise kernel's own ReLU): the conv saves the ReLU's output anyway, and x, a cell's output
+        or a sum of ops, then need not live until the backward.
     """
     features: int
     kernel_size: int = 1
@@ -106,6 +109,7 @@ class Conv(nn.Module):
     masked: bool = False
     impl: str = "auto"
     dtype: Optional[jnp.dtype] = None
+    relu: bool = False
 
     @nn.compact
     def __call__(self, x, t_w=None):
@@ -120,12 +124,17 @@ class Conv(nn.Module):
         if self.dtype is not None:
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if self.depthwise:
-            return kernels.depthwise_conv(x, kernel, stride=self.stride, dilation=self.dilation, impl=self.impl)
+            return kernels.depthwise_conv(x, kernel, stride=self.stride, dilation=self.dilation, impl=self.impl,
+                                          relu=self.relu)
         if k == 1:
             # a strided 1x1 conv reads every stride-th pixel: subsample, then one matmul. XLA CPU's
             # strided convolution made FactorizedReduce slower than PyTorch's (benchmarks/README.md
-            # section 9); this form took a retraining step from 11-13 s to 9.2-9.5 s (section 12)
-            return kernels.pointwise_conv(x[:, ::self.stride, ::self.stride, :], kernel)
+            # section 9); this form took a retraining step from 11-13 s to 9.2-9.5 s (section 12).
+            # The ReLU after the subsampling: it then saves only the pixels the conv reads.
+            x = x[:, ::self.stride, ::self.stride, :]
+            return kernels.pointwise_conv(kernels.relu(x) if self.relu else x, kernel)
+        if self.relu:
+            x = kernels.relu(x)
         pad = kernels.same_padding(k, self.dilation)
         return jax.lax.conv_general_dilated(
             x, kernel, (self.stride, self.stride), [(pad, pad)] * 2, rhs_dilation=(self.dilation,) * 2,
@@ -202,9 +211,8 @@ class ConvUnit(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool, t_k=None, t_w=None):
-        x = nn.relu(x)
         x = Conv(0, self.kernel_size, self.stride, self.dilation, depthwise=True, masked=self.masked,
-                 impl=self.impl, dtype=self.dtype, name=names.DW)(x, t_w)
+                 impl=self.impl, dtype=self.dtype, relu=True, name=names.DW)(x, t_w)
         x = Conv(self.features, 1, masked=self.masked, dtype=self.dtype, name=names.PW)(x, t_w)
         x = batch_norm(train, self.affine, name=names.BN)(x)
         if self.search:
@@ -263,14 +271,14 @@ class FactorizedReduce(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool, threshold=None):
-        x = nn.relu(x)
-        # pad the shifted input so both halves have the same size for odd and even inputs
+        # pad the shifted input so both halves have the same size for odd and even inputs; the convs
+        # take the ReLU (of the pixels they read: relu(0) is the padding's 0)
         shifted = jnp.pad(x[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
         parts = []
         if self.n1:
-            parts.append(Conv(self.n1, 1, stride=2, dtype=self.dtype, name=names.FR_CONVS[0])(x))
+            parts.append(Conv(self.n1, 1, stride=2, dtype=self.dtype, relu=True, name=names.FR_CONVS[0])(x))
         if self.n2:
-            parts.append(Conv(self.n2, 1, stride=2, dtype=self.dtype, name=names.FR_CONVS[1])(shifted))
+            parts.append(Conv(self.n2, 1, stride=2, dtype=self.dtype, relu=True, name=names.FR_CONVS[1])(shifted))
         y = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         y = batch_norm(train, self.affine, name=names.BN)(y)
         if self.search and self.gated:
@@ -370,7 +378,7 @@ class Preprocess(nn.Module):
             n1, n2 = factorized_halves(self.out_index, self.width)
             y = FactorizedReduce(n1, n2, self.search, self.affine, gated=False, dtype=self.dtype, name=names.FR)(x, train)
         else:
-            y = Conv(n_out, 1, dtype=self.dtype, name=names.CONV)(nn.relu(x))
+            y = Conv(n_out, 1, dtype=self.dtype, relu=True, name=names.CONV)(x)
             y = batch_norm(train, self.affine, name=names.BN)(y)
         if self.search:
             y = FilterGate(n_out, name=names.GATE)(y, threshold)

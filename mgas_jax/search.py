@@ -59,6 +59,10 @@ SALT_REGROW_DRAW = 50_000      # + stage: which ops regrow, and their fresh mask
 STEP_KEY_STRIDE = 1_000_003    # epoch x this + batch: the step's key (a prime above any epoch's batch count)
 ARCH_BATCH_SALT = 1            # the bilevel variant's architecture step: fold_in(step key, this)
 
+# Whether this process has built a search step yet (Searcher.step_fn): until then, Searcher.fresh_state
+# drops what JAX has compiled, since nothing of the search's is among it.
+_steps_built = False
+
 
 @dataclasses.dataclass
 class Progress:
@@ -161,6 +165,12 @@ class Searcher:
         """A new state for `spec` (fresh parameters, optimizer state at zero)."""
         key = jax.random.fold_in(self.init_key, salt)
         v = supernet.init_variables(spec, key, self.ds.image_shape)
+        if not _steps_built:
+            # The init runs op by op, and JAX keeps each op's compiled program, on the CPU ~1.6 MB of
+            # malloc each: 490 MB for the 8-cell super-net of benchmarks/bench_search_step.py, a sixth
+            # of the search's peak (benchmarks/README.md section 14). Before any step is built nothing
+            # the search needs is compiled, so they go; a later init compiles the few it needs again.
+            jax.clear_caches()
         trainable = {"params": v["params"], "arch": v["arch"]}
         return SearchState(step=jnp.zeros((), jnp.int32), params=v["params"], arch=v["arch"],
                            batch_stats=v["batch_stats"], masks=v["masks"], opt_state=self.tx.init(trainable))
@@ -194,6 +204,8 @@ class Searcher:
 
     def step_fn(self, spec):
         """The step of a structure, cached (chained programs: compiles only the cells or edges that are new)."""
+        global _steps_built
+        _steps_built = True
         if spec not in self._steps:
             self._steps[spec] = step_lib.make_step(spec, self.tx, self.data_cfg, self.mean, self.std, self.cfg.programs)
         return self._steps[spec]

@@ -266,3 +266,114 @@ def test_strided_pointwise_conv_matches_lax(size):
                            variables["params"]["kernel"], cotangent)
     want = _value_and_grads(strided, x, variables["params"]["kernel"], cotangent)
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _with_zeros(x):
+    """x with a quarter of its entries exactly 0: where a ReLU's derivative convention shows."""
+    return jnp.where(jnp.arange(x.size).reshape(x.shape) % 4 == 0, 0.0, x).astype(x.dtype)
+
+
+@pytest.mark.parametrize("impl", FAST + ("lax",))
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (5, 2, 1)])
+def test_depthwise_relu_matches_relu_then_conv(impl, k, stride, dilation):
+    """depthwise_conv(x, relu=True) (for 'shift_vjp' the ReLU inside the kernel, its derivative read
+    from the saved padded output) against jax.nn.relu then the native conv: values and gradients,
+    with inputs exactly 0 (derivative 0 there, as jax.nn.relu)."""
+    x = _with_zeros(_random((2, 7, 8, 3), 0))
+    kernel = _random((k, k, 1, 3), 1)
+    pad = kernels.same_padding(k, dilation)
+    want = _value_and_grads(lambda a, b: _plain_depthwise(jax.nn.relu(a), b, stride, dilation, pad), x, kernel,
+                            _random(_plain_depthwise(x, kernel, stride, dilation, pad).shape, 2))
+    cotangent = _random(want[0].shape, 2)
+    got = _value_and_grads(lambda a, b: kernels.depthwise_conv(a, b, stride=stride, dilation=dilation, impl=impl,
+                                                               relu=True), x, kernel, cotangent)
+    chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+    assert float(jnp.abs(got[1][0]).max()) > 0.1   # the input gradient is not trivially zero
+    # the gradient is zero wherever the input is not positive
+    assert float(jnp.abs(jnp.where(x <= 0, got[1][0], 0)).max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_relu_matches_jax_nn_relu(dtype):
+    """kernels.relu: jax.nn.relu's values, dtype, gradient (0 at 0) and forward-mode derivative."""
+    x = _with_zeros(_random((3, 4, 5, 6), 3, dtype))
+    t = _random(x.shape, 4, dtype)
+    chex.assert_trees_all_equal(jax.jit(kernels.relu)(x), jax.nn.relu(x))
+    assert kernels.relu(x).dtype == x.dtype
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(kernels.relu(a).astype(jnp.float32) * t.astype(jnp.float32))))
+    want = jax.grad(lambda a: jnp.sum(jax.nn.relu(a).astype(jnp.float32) * t.astype(jnp.float32)))(x)
+    chex.assert_trees_all_equal(grad(x), want)
+    chex.assert_trees_all_equal(jax.jvp(kernels.relu, (x,), (t,)), jax.jvp(jax.nn.relu, (x,), (t,)))
+
+
+def _grad_temp_bytes(f, *args):
+    """XLA's temporary buffer bytes of the jitted gradient of f: the activations it keeps for the
+    backward, and the backward's own."""
+    compiled = jax.jit(jax.grad(f, argnums=tuple(range(len(args))))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+UNITS = 4   # units in the chains of the memory tests below
+
+
+def test_batch_norm_keeps_one_activation():
+    """A chain of 1x1 conv - BatchNorm - ReLU units keeps two activations per unit for the backward:
+    the conv's input and the BatchNorm's x - mean. Saving x instead, XLA kept x and x - mean both
+    (11 activations for these 4 units against 8, measured), as in the retraining step
+    (benchmarks/README.md section 14)."""
+    keys = jax.random.split(jax.random.key(5), 2)
+    x = jax.random.normal(keys[0], (8, 16, 16, 32))
+    w = jax.random.normal(keys[1], (UNITS, 1, 1, 32, 32)) * 0.2
+
+    def f(x, w):
+        for i in range(UNITS):
+            y = kernels.batch_norm_train(kernels.pointwise_conv(x, w[i]), jnp.ones(32), jnp.zeros(32), 1e-5)[0]
+            x = jax.nn.relu(y)
+        return jnp.sum(x * x)
+
+    activation = x.size * 4
+    assert _grad_temp_bytes(f, x, w) <= (2 * UNITS + 0.5) * activation
+
+
+def test_relu_does_not_keep_its_input():
+    """A chain of units concat(two 1x1 convs) - ReLU - 1x1 conv: with kernels.relu the backward
+    reads the ReLU's output (which the conv keeps anyway), so the concatenation is not kept; with
+    jax.nn.relu it is. At least one activation per unit but the last smaller."""
+    keys = jax.random.split(jax.random.key(6), 4)
+    x = jax.random.normal(keys[0], (8, 16, 16, 32))
+    wa, wb = (jax.random.normal(k, (UNITS, 1, 1, 32, 16)) * 0.2 for k in keys[1:3])
+    wc = jax.random.normal(keys[3], (UNITS, 1, 1, 32, 32)) * 0.2
+
+    def chain(relu):
+        def f(x, wa, wb, wc):
+            for i in range(UNITS):
+                s = jnp.concatenate([kernels.pointwise_conv(x, wa[i]), kernels.pointwise_conv(x, wb[i])], -1)
+                x = kernels.pointwise_conv(relu(s), wc[i])
+            return jnp.sum(x * x)
+        return f
+
+    activation = x.size * 4
+    assert (_grad_temp_bytes(chain(kernels.relu), x, wa, wb, wc)
+            <= _grad_temp_bytes(chain(jax.nn.relu), x, wa, wb, wc) - (UNITS - 1) * activation)
+
+
+def test_depthwise_relu_does_not_keep_its_input():
+    """A chain of units (1x1 conv + skip) - ReLU - depthwise 3x3 ('shift_vjp'): with the ReLU in the
+    kernel, the sum before it is not kept for the backward; with jax.nn.relu before the kernel it
+    is. At least one activation per unit but the last smaller."""
+    keys = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(keys[0], (8, 16, 16, 32))
+    w = jax.random.normal(keys[1], (UNITS, 1, 1, 32, 32)) * 0.2
+    k = jax.random.normal(keys[2], (UNITS, 3, 3, 1, 32))
+
+    def chain(fused):
+        def f(x, w, k):
+            for i in range(UNITS):
+                s = kernels.pointwise_conv(x, w[i]) + x
+                x = (kernels.depthwise_conv(s, k[i], impl="shift_vjp", relu=True) if fused
+                     else kernels.depthwise_conv(jax.nn.relu(s), k[i], impl="shift_vjp"))
+            return jnp.sum(x * x)
+        return f
+
+    activation = x.size * 4
+    assert _grad_temp_bytes(chain(True), x, w, k) <= _grad_temp_bytes(chain(False), x, w, k) - (UNITS - 1) * activation

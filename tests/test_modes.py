@@ -81,9 +81,9 @@ def test_the_logged_hash_is_the_checked_and_recorded_one(tmp_path):
     assert config_lib.config_hash(config) != logged  # the whole config's hash is another one
 
 
-# Runs an XLA program with a 128 MiB temporary buffer twelve times from a thread other than the main
-# one; prints how keep_freed_host_memory set malloc up, the buffer's MiB and the minor page faults of
-# each of the last ten runs.
+# Runs an XLA program with a 128 MiB temporary buffer 24 times from a thread other than the main one;
+# prints how keep_freed_host_memory set malloc up, the buffer's MiB and the minor page faults of each
+# of the last 22 runs.
 _XLA_FAULTS = textwrap.dedent("""
     import resource, sys, threading
     from mgas_jax import modes
@@ -95,7 +95,7 @@ _XLA_FAULTS = textwrap.dedent("""
     temp = f.memory_analysis().temp_size_in_bytes
     faults = []
     def runs():
-        for i in range(12):        # the first runs map new pages either way
+        for i in range(24):        # the first runs map new pages either way
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             f(x).block_until_ready()
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -122,7 +122,9 @@ def test_an_xla_programs_buffers_are_reused_from_any_thread():
     assert how == "kept"
     _, _, system = run("system")
     assert all(f >= pages // 2 for f in system + thread_arenas), (system, thread_arenas)
-    # most runs reuse the pages of the one before; a run now and then takes the block elsewhere
+    # most runs reuse the pages of the one before; a run now and then takes the block elsewhere, and
+    # under load (the suite's other worker) the first several did in one run of the suite: 24 runs
+    # leave room for that
     assert sum(f < pages // 100 for f in kept) >= 3, kept
 
 

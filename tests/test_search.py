@@ -292,3 +292,20 @@ def test_the_final_phase_of_mgas_goes_on_below_one_op_per_node():
     assert search.final_phase_end(cfg, mgas, {}, False, 5) == "search.final_max_epochs = 5 reached"
     floor = types.SimpleNamespace(final_size_floor=10**9, final_max_epochs=5, budget_commits=True)
     assert search.final_phase_end(floor, mgas, {}, False, 1).startswith("size proxy ")
+
+
+def test_fresh_state_drops_compiled_programs_only_before_any_step(tmp_path, monkeypatch):
+    """The op-by-op init's compiled programs are dropped (jax.clear_caches) while this process has
+    built no search step; once one is built, a later init keeps what is compiled."""
+    cleared = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(True))
+    monkeypatch.setattr(search, "_steps_built", False)
+    s = search.Searcher(tiny_search_config(), str(tmp_path))
+    cells = search.supernet.full_cells(s.cfg.init_channels, s.cfg.layers, s.cfg.steps)
+    spec = s.spec_of(search.Progress(cells=search.cells_to_json(cells[:search.built_cells(s.cfg.layers, 1)])))
+    s.fresh_state(spec, search.SALT_START)
+    assert cleared == [True]
+    s.step_fn(spec)
+    assert search._steps_built
+    s.fresh_state(spec, search.SALT_START)
+    assert cleared == [True]
