@@ -166,7 +166,7 @@ class Searcher:
         key = jax.random.fold_in(self.init_key, salt)
         v = supernet.init_variables(spec, key, self.ds.image_shape)
         if not _steps_built:
-            # The init runs op by op, and JAX keeps each op's compiled program, on the CPU ~1.6 MB of
+            # The init runs op by op, and JAX keeps each op's compiled program, on the CPU ~1.4 MB of
             # malloc each: 490 MB for the 8-cell super-net of benchmarks/bench_search_step.py, a sixth
             # of the search's peak (benchmarks/README.md section 14). Before any step is built nothing
             # the search needs is compiled, so they go; a later init compiles the few it needs again.
