@@ -208,7 +208,9 @@ SCHEMA: dict[str, Any] = {
                                     "(Linux, glibc; on the CPU backend all threads share one arena): XLA CPU "
                                     "allocates each program's buffers afresh and fresh pages cost a page fault "
                                     "each (a search step runs ~1.3x faster, the retraining step ~1.7x, "
-                                    "benchmarks/README.md sections 8 and 13); the process keeps its peak RSS",
+                                    "benchmarks/README.md sections 8 and 13); the process keeps its peak RSS, "
+                                    "and a long run can come to hold a second copy of a step's buffers "
+                                    "(section 15)",
                                     default=True, semantic=False),
     "data": {
         "name": Field(str, one_of(*DATASETS), "data set", default="cifar10"),

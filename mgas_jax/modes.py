@@ -150,8 +150,11 @@ def keep_freed_host_memory(one_arena: Optional[bool] = None) -> str:
     CPU (on an accelerator the host's large buffers are few and the data pipeline's threads keep
     their own arenas). The cost: memory freed at the peak stays with the process (RSS does not drop
     after it), and a loop that dispatches a step while the last one runs holds the memory of both for
-    good, so loops should wait for each step first (loop.one_step_at_a_time). Measured in
-    benchmarks/README.md, sections 8 and 13. Other C libraries are left alone.
+    good, so loops should wait for each step first (loop.one_step_at_a_time). And a program's
+    buffers are one aligned block, which glibc cannot hand to the same request again once it is
+    freed under a later allocation instead of into the heap's top: a long run can come to hold a
+    second copy of a step's buffers (section 15). Measured in benchmarks/README.md, sections 8, 13
+    and 15. Other C libraries are left alone.
     """
     libc = _glibc()
     if libc is None:
