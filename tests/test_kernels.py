@@ -282,9 +282,9 @@ def test_depthwise_relu_matches_relu_then_conv(impl, k, stride, dilation):
     x = _with_zeros(_random((2, 7, 8, 3), 0))
     kernel = _random((k, k, 1, 3), 1)
     pad = kernels.same_padding(k, dilation)
+    cotangent = _random(_plain_depthwise(x, kernel, stride, dilation, pad).shape, 2)
     want = _value_and_grads(lambda a, b: _plain_depthwise(jax.nn.relu(a), b, stride, dilation, pad), x, kernel,
-                            _random(_plain_depthwise(x, kernel, stride, dilation, pad).shape, 2))
-    cotangent = _random(want[0].shape, 2)
+                            cotangent)
     got = _value_and_grads(lambda a, b: kernels.depthwise_conv(a, b, stride=stride, dilation=dilation, impl=impl,
                                                                relu=True), x, kernel, cotangent)
     chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
