@@ -22,7 +22,8 @@ memory of running the step, without the compiler's peak). `--programs cell` (`ed
 as a chain of per-cell (per-edge) programs (`search_step.make_step(..., programs='cell')`); its compile_s
 is the first step's time less one step's run (tracing included), and it has no single buffer
 assignment (no xla_step_mb). Our side's malloc keeps freed memory, as `mgas_jax.main` sets it up
-(`modes.keep_freed_host_memory`; `--system-malloc` leaves glibc's defaults; `malloc=` in its line).
+(`modes.keep_freed_host_memory`; `--system-malloc` leaves glibc's defaults; `--allocator` as
+config.host_allocator, whose 'auto' keeps glibc's for a search; `malloc=` in its line).
 The reference is ../shared/bench/torch_reference.py (beside the repository), run as a subprocess on
 the same device kind; its line is printed as it comes. `ratio` is reference
 ms / ours ms: > 1 means ours is faster; the memory ratio is reference peak / ours (> 1: ours smaller).
@@ -72,10 +73,9 @@ def measure_ours(args, stage: int | None = None) -> dict:
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from mgas_jax import kernels, loop, modes, search_step, supernet
+    from mgas_jax import kernels, loop, search_step, supernet
 
-    # as mgas_jax.main does (config.keep_freed_host_memory): the figures are what a search gets
-    kept = modes.keep_freed_host_memory() if not args.system_malloc else ""
+    kept = setup_malloc(args.system_malloc)   # as mgas_jax.main does: the figures are what a search gets
     spec = stage_spec(args, stage)
     data_cfg = ml_collections.ConfigDict(dict(crop_padding=0, flip=False, cutout=0, autoaugment=False))
     tx = search_step.make_optimizer(types.SimpleNamespace(**OPTIMIZER))
@@ -141,7 +141,7 @@ def measure_ours(args, stage: int | None = None) -> dict:
                 compile_s=compile_s, ms_per_step=dt * 1e3, images_per_s=args.batch / dt,
                 peak_rss_mb=_peak_rss_mb(), run_rss_mb=sampler.peak_mb, xla_mb=xla_mb,
                 peak_device_mb=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
-                loss=float(metrics["loss"]), finite=float(metrics["finite"]), malloc=kept or "system")
+                loss=float(metrics["loss"]), finite=float(metrics["finite"]), malloc=kept)
 
 
 class _RssSampler:
@@ -177,6 +177,30 @@ def _peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Our side's malloc, as mgas_jax.main sets up a run (bench_train_step uses these too)
+
+def allocator_env(allocator: str, mode: str, system_malloc: bool) -> dict:
+    """The environment of our side's process: jemalloc preloaded where mgas_jax.main would re-execute
+    a run of `mode` with it (host_allocator.preload_for, `allocator` as config.host_allocator)."""
+    from mgas_jax import host_allocator, modes
+    library = host_allocator.preload_for(allocator, mode=mode, on_cpu=modes.runs_on_the_cpu(),
+                                         keep_freed=not system_malloc)
+    env = {k: v for k, v in os.environ.items() if k != host_allocator.PRELOADED}
+    return host_allocator.preloaded_env(library, env) if library else env
+
+
+def setup_malloc(system_malloc: bool) -> str:
+    """In our side's process, as modes.setup_host_memory: under jemalloc (allocator_env preloaded it),
+    its freed pages are released after each compilation; else glibc's malloc keeps freed memory
+    (`system_malloc`: its defaults). Returns what the output line shows as malloc=."""
+    from mgas_jax import host_allocator, modes
+    version = host_allocator.release_after_compiles() and host_allocator.jemalloc_version()
+    if version:
+        return f"jemalloc-{version}"
+    return (modes.keep_freed_host_memory() if not system_malloc else "") or "system"
+
+
+# ----------------------------------------------------------------------------------------------
 # The driver: one subprocess per measurement
 
 def _flags(args, **override) -> list[str]:
@@ -192,7 +216,7 @@ def run_ours(args, stage=None, **override) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side=ours", *_flags(args, **override)]
     if stage is not None:
         cmd.append(f"--stage={stage}")
-    env = dict(os.environ)
+    env = allocator_env(args.allocator, "search", args.system_malloc)
     if args.fast_compile:
         # XLA's HLO passes and buffer assignment (so xla_step_mb) are unchanged; only LLVM's
         # optimisation is off: compiles several times faster, runs slower.
@@ -354,6 +378,9 @@ def main(argv=None):
                         "(compile_s is then the first step's time less a step's run: tracing included)")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc malloc's defaults (ours otherwise keeps freed memory, as mgas_jax.main does)")
+    p.add_argument("--allocator", default="auto", help="our side's malloc, as config.host_allocator of a search "
+                   "run: 'auto' (the C library's: mgas_jax.main preloads jemalloc only for training), 'system', "
+                   "'jemalloc' or a library's path")
     p.add_argument("--stages", action="store_true", help="peak memory of each stage's sub-net step")
     p.add_argument("--sweep", action="store_true", help="time and memory against batch, channels and cells")
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")

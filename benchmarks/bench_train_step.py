@@ -17,8 +17,10 @@ weight decay 3e-4), on `--batch` random images of `--image` x `--image`. Two net
     python benchmarks/bench_train_step.py --layers 8 --channels 16 --batch 32   # smaller
     python benchmarks/bench_train_step.py --nets darts_v2 --dtype bfloat16 --json /tmp/t.json
 
-Each measurement runs in a fresh subprocess, so each side's peak RSS is its own. Ours reports the
-XLA compile time, ms per step (mean of `--steps` steps after `--warmup`), images/s, peak RSS (the
+Each measurement runs in a fresh subprocess, so each side's peak RSS is its own. Our side's process
+gets the malloc that `mgas_jax.main` gives a retraining (`--allocator`, as config.host_allocator:
+jemalloc where installed, on the CPU; see mgas_jax/host_allocator.py); the reference keeps the C
+library's, as its users run it. Ours reports the XLA compile time, ms per step (mean of `--steps` steps after `--warmup`), images/s, peak RSS (the
 compiler included), `run_rss_mb` (the highest RSS while the timed steps run) and, on an accelerator,
 the device's peak bytes in use. `ratio` is reference ms / ours ms: > 1 means ours is faster; the
 memory ratio is reference peak / ours (> 1: ours smaller). The eval step (`--eval` of the reference)
@@ -132,9 +134,9 @@ def build_step(args) -> tuple:
 
 def measure_ours(args) -> dict:
     import jax
-    from mgas_jax import loop, modes, network
+    from mgas_jax import loop, network
 
-    kept = modes.keep_freed_host_memory() if not args.system_malloc else ""
+    kept = common.setup_malloc(args.system_malloc)   # as mgas_jax.main sets up a retraining
     fn, state, inputs = build_step(args)
     t0 = time.perf_counter()
     compiled = fn.lower(state, *inputs).compile()
@@ -169,7 +171,7 @@ def measure_ours(args) -> dict:
                 peak_rss_mb=common._peak_rss_mb(), run_rss_mb=sampler.peak_mb, xla_mb=xla_mb,
                 peak_device_mb=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
                 params_dense=counts["dense"], params_nonzero=counts["nonzero"], finite=finite,
-                malloc=kept or "system")
+                malloc=kept)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +186,8 @@ def _size_flags(args) -> list[str]:
 def run_ours(args, net: str, eval_step: bool) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side=ours", f"--net={net}", f"--dtype={args.dtype}",
            *_size_flags(args)] + (["--eval"] if eval_step else []) + (["--system-malloc"] if args.system_malloc else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = common.allocator_env(args.allocator, "retrain", args.system_malloc)   # as mgas_jax.main's retraining
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("OURS "):
             return json.loads(line[5:])
@@ -239,6 +242,9 @@ def main(argv=None):
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch network")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc's malloc defaults (mgas_jax.main keeps freed memory; see modes.py)")
+    p.add_argument("--allocator", default="auto", help="our side's malloc, as config.host_allocator: 'auto' "
+                   "(jemalloc where installed, on the CPU, as mgas_jax.main's retraining), 'system', 'jemalloc' "
+                   "or a library's path")
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--reference", default=REFERENCE, help="path of torch_darts_network.py (default: shared/bench/ "
                                                           "beside the repository)")

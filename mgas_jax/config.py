@@ -171,9 +171,17 @@ def genotype_check(value: str) -> Optional[str]:
     return None
 
 
+def host_allocator_check(value: str) -> Optional[str]:
+    """host_allocator: one of HOST_ALLOCATORS or a path to a shared library (host_allocator.py)."""
+    if value in HOST_ALLOCATORS or os.sep in value:
+        return None
+    return f"must be one of {', '.join(map(repr, HOST_ALLOCATORS))} or the path of a libjemalloc shared library"
+
+
 # --------------------------------------------------------------------------------------------------
 # The schema. A value that is a dict is a section; a Field is a key.
 
+HOST_ALLOCATORS = ("auto", "system", "jemalloc")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("cosine", "step")
@@ -210,8 +218,15 @@ SCHEMA: dict[str, Any] = {
                                     "each (a search step runs ~1.3x faster, the retraining step ~1.7x, "
                                     "benchmarks/README.md sections 8 and 13); the process keeps its peak RSS, "
                                     "and a long run can come to hold a second copy of a step's buffers "
-                                    "(section 15)",
+                                    "(section 15; host_allocator avoids it where jemalloc is installed)",
                                     default=True, semantic=False),
+    "host_allocator": Field(str, host_allocator_check, "the host's malloc (mgas_jax.main, Linux): "
+                            "'auto' re-executes the run with jemalloc preloaded (kept memory) on the CPU for "
+                            "'train', 'retrain' and 'all' where libjemalloc is installed (apt install "
+                            "libjemalloc2), because under glibc a long retraining comes to hold a second copy "
+                            "of its step's buffers (benchmarks/README.md sections 15-16); 'system' keeps the C "
+                            "library's; 'jemalloc' requires it; a path names the library file",
+                            default="auto", semantic=False),
     "data": {
         "name": Field(str, one_of(*DATASETS), "data set", default="cifar10"),
         "data_dir": Field((str, type(None)), None, "where TFDS array_record data sets are prepared (None = the "

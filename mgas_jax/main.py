@@ -150,8 +150,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     try:
         config = FLAGS.config
-        # First of all: malloc's arena limit only holds for threads that have not allocated yet, and
-        # starting JAX's backend (which validation does, to count devices) starts XLA's threads.
+        # First of all, as it runs this command again with another malloc (jemalloc, for a CPU
+        # retraining; modes.preload_allocator). Then malloc's settings: its arena limit only holds for
+        # threads that have not allocated yet, and starting JAX's backend (which validation does, to
+        # count devices) starts XLA's threads.
+        modes.preload_allocator(config)
         modes.setup_host_memory(config)
         if FLAGS.multihost:
             parallel.initialize_multihost()

@@ -4,8 +4,9 @@
 
 `MODES` maps each name of config.MODE_NAMES to its function: train.train_and_evaluate, search.search,
 retrain.retrain, evaluation.evaluate and `run_all` (search -> retrain -> evaluate -> reports). The
-process set-up a run needs before its first compilation (compilation cache, host allocator) is here
-too; main.py calls it.
+process set-up a run needs before its first compilation (compilation cache, host allocator: the
+malloc settings, and re-executing the run with jemalloc where config.host_allocator asks for it) is
+here too; main.py calls it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import jax
 from absl import logging
 
 from mgas_jax import config as config_lib
-from mgas_jax import evaluation, export, reports, retrain, search, train, workdirs
+from mgas_jax import evaluation, export, host_allocator, reports, retrain, search, train, workdirs
 
 RunFn = Callable[[Any, str], Any]
 
@@ -153,7 +154,8 @@ def keep_freed_host_memory(one_arena: Optional[bool] = None) -> str:
     good, so loops should wait for each step first (loop.one_step_at_a_time). And a program's
     buffers are one aligned block, which glibc cannot hand to the same request again once it is
     freed under a later allocation instead of into the heap's top: a long run can come to hold a
-    second copy of a step's buffers (section 15). Measured in benchmarks/README.md, sections 8, 13
+    second copy of a step's buffers (section 15; a training run on the CPU therefore runs under
+    jemalloc where it is installed, host_allocator.py). Measured in benchmarks/README.md, sections 8, 13
     and 15. Other C libraries are left alone.
     """
     libc = _glibc()
@@ -170,14 +172,44 @@ def keep_freed_host_memory(one_arena: Optional[bool] = None) -> str:
     return "kept,one-arena" if one_arena else "kept"
 
 
-def setup_host_memory(config) -> bool:
-    """`keep_freed_host_memory()` when `config.keep_freed_host_memory` (default True); logs the choice."""
+def setup_host_memory(config) -> str:
+    """Sets up and logs the host's malloc; returns what it is.
+
+    'jemalloc <version> (<library>)' when jemalloc serves it (mgas_jax.main preloads it for
+    config.host_allocator, set up through MALLOC_CONF): its freed pages are then released after each
+    compilation (host_allocator.release_after_compiles). Else keep_freed_host_memory()'s answer when
+    `config.keep_freed_host_memory` (default True), else '' (the system's defaults).
+    """
+    jemalloc = host_allocator.describe()
+    preloaded = os.environ.get(host_allocator.PRELOADED)
+    if jemalloc:
+        host_allocator.release_after_compiles()
+        logging.info("host malloc: %s, MALLOC_CONF=%s; freed pages released after each compilation", jemalloc,
+                     os.environ.get("MALLOC_CONF", ""))
+        return jemalloc
+    if preloaded:
+        logging.warning("host malloc: LD_PRELOAD=%s did not give this process jemalloc's malloc (it is %s's); "
+                        "going on with it", preloaded, host_allocator.malloc_library() or "an unknown library")
     if not config.get("keep_freed_host_memory", True):
         logging.info("host malloc: system default")
-        return False
+        return ""
     kept = keep_freed_host_memory()
     logging.info("host malloc: %s", f"keeps freed memory for reuse ({kept})" if kept else "system default (not glibc)")
-    return bool(kept)
+    return kept
+
+
+def preload_allocator(config) -> None:
+    """Re-executes this process (the same command) with the malloc config.host_allocator asks for,
+    where that is not already the one it has (host_allocator.preload_for); returns otherwise. Raises
+    ConfigError for an allocator that is asked for and not found. Call it first: what ran before is
+    run again."""
+    if host_allocator.PRELOADED in os.environ or host_allocator.describe():
+        return
+    library = host_allocator.preload_for(config.get("host_allocator", "auto"), mode=config.mode,
+                                         on_cpu=runs_on_the_cpu(),
+                                         keep_freed=config.get("keep_freed_host_memory", True))
+    if library:
+        host_allocator.reexec(library)
 
 
 # The hashes logged when a mode starts: those of the runs it makes that resume from checkpoints, each

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from mgas_jax import host_allocator
+
 # every test here runs the CLI in a subprocess (a tiny training, or its rerun)
 pytestmark = pytest.mark.slow
 
@@ -80,7 +82,11 @@ def test_rerun_of_a_finished_training_logs_nothing_twice(finished, tmp_path, cac
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test top1" in last_lines(out.stderr, 1)[0]
     assert snapshot(workdir) == before
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and host_allocator.find_jemalloc():
+        # a training on the CPU runs under jemalloc where it is installed (config.host_allocator='auto')
+        assert "host malloc: re-executing with LD_PRELOAD=" in out.stderr
+        assert "host malloc: jemalloc " in out.stderr
+    elif sys.platform.startswith("linux"):
         # set up before validation starts JAX's threads, so that all of them share one arena
         assert "host malloc: keeps freed memory for reuse (kept,one-arena)" in out.stderr
     with open(workdir / "metrics.jsonl") as f:
