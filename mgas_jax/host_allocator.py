@@ -124,10 +124,14 @@ class _DlInfo(ctypes.Structure):
 def malloc_library() -> Optional[str]:
     """The file of the shared library whose `malloc` this process calls (glibc's libc.so.6, or a
     preloaded allocator's), or None where that cannot be told (no dladdr, a static malloc)."""
-    try:
-        process = ctypes.CDLL(None)
-        dladdr = process.dladdr
-    except (OSError, AttributeError):
+    process, dladdr = ctypes.CDLL(None), None
+    for where in (None, "libdl.so.2"):   # dladdr is in the C library from glibc 2.34, in libdl before
+        try:
+            dladdr = ctypes.CDLL(where).dladdr
+            break
+        except (OSError, AttributeError):
+            continue
+    if dladdr is None:
         return None
     dladdr.argtypes, dladdr.restype = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)], ctypes.c_int
     info = _DlInfo()
