@@ -190,14 +190,13 @@ def allocator_env(allocator: str, mode: str, system_malloc: bool) -> dict:
 
 
 def setup_malloc(system_malloc: bool) -> str:
-    """In our side's process, as modes.setup_host_memory: under jemalloc (allocator_env preloaded it),
-    its freed pages are released after each compilation; else glibc's malloc keeps freed memory
-    (`system_malloc`: its defaults). Returns what the output line shows as malloc=."""
+    """In our side's process, modes.setup_host_memory as a run calls it: under jemalloc (allocator_env
+    preloaded it), its freed pages are released after each compilation; else glibc's malloc keeps
+    freed memory (`system_malloc`: its defaults). Returns what the output line shows as malloc=."""
     from mgas_jax import host_allocator, modes
-    version = host_allocator.release_after_compiles() and host_allocator.jemalloc_version()
-    if version:
-        return f"jemalloc-{version}"
-    return (modes.keep_freed_host_memory() if not system_malloc else "") or "system"
+    got = modes.setup_host_memory({"keep_freed_host_memory": not system_malloc})
+    version = host_allocator.jemalloc_version()
+    return f"jemalloc-{version}" if version else got or "system"
 
 
 # ----------------------------------------------------------------------------------------------

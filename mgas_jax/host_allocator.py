@@ -125,9 +125,9 @@ def malloc_library() -> Optional[str]:
     """The file of the shared library whose `malloc` this process calls (glibc's libc.so.6, or a
     preloaded allocator's), or None where that cannot be told (no dladdr, a static malloc)."""
     process, dladdr = ctypes.CDLL(None), None
-    for where in (None, "libdl.so.2"):   # dladdr is in the C library from glibc 2.34, in libdl before
+    for where in (process, "libdl.so.2"):   # dladdr is in the C library from glibc 2.34, in libdl before
         try:
-            dladdr = ctypes.CDLL(where).dladdr
+            dladdr = (where if isinstance(where, ctypes.CDLL) else ctypes.CDLL(where)).dladdr
             break
         except (OSError, AttributeError):
             continue
@@ -140,16 +140,21 @@ def malloc_library() -> Optional[str]:
     return os.path.realpath(info.dli_fname.decode())
 
 
+def _mallctl(name: bytes, old=None, old_size=None) -> int:
+    """jemalloc's mallctl(name, oldp, oldlenp, NULL, 0): reads `name` into `old` (or just acts on it);
+    0 on success. Only where jemalloc serves malloc (it is then in the process's global symbols)."""
+    mallctl = ctypes.CDLL(None).mallctl
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return mallctl(name, old, old_size, None, 0)
+
+
 def jemalloc_version() -> Optional[str]:
     """The version of the jemalloc serving this process's malloc, or None when malloc is another's."""
     library = malloc_library()
     if library is None or "jemalloc" not in os.path.basename(library):
         return None
-    mallctl = ctypes.CDLL(None).mallctl
-    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
-                        ctypes.c_size_t]
     version, size = ctypes.c_char_p(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_char_p))
-    if mallctl(b"version", ctypes.byref(version), ctypes.byref(size), None, 0) != 0 or not version.value:
+    if _mallctl(b"version", ctypes.byref(version), ctypes.byref(size)) != 0 or not version.value:
         return "unknown version"
     return version.value.decode().split("-", 1)[0]
 
@@ -165,10 +170,8 @@ def release_freed() -> bool:
     (jemalloc serves malloc), False elsewhere (glibc's kept memory is left alone)."""
     if jemalloc_version() is None:
         return False
-    mallctl = ctypes.CDLL(None).mallctl
-    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     # "arena.<i>.purge" with i = MALLCTL_ARENAS_ALL (4096): the unused dirty and muzzy pages of every arena
-    return mallctl(b"arena.4096.purge", None, None, None, 0) == 0
+    return _mallctl(b"arena.4096.purge") == 0
 
 
 # JAX records this event when XLA has compiled a program (or loaded it from the persistent cache),
