@@ -114,6 +114,7 @@ def measure_ours(args, stage: int | None = None) -> dict:
         state, metrics = step(state, batch, jax.random.fold_in(key, 0), lam, scales)
         jax.block_until_ready((state, metrics))
         first_s, trace_s = time.perf_counter() - t0, None
+    loop.settle_garbage()   # as the search's loop does after a step that compiled
 
     wait = loop.one_step_at_a_time()   # as the search's loop does
 

@@ -127,6 +127,10 @@ def _shift_vjp_fwd(x, kernel, stride, dilation, padding, relu):
     # the padded input, made in one pass with x's producer, is what the taps and the kernel
     # gradient read: the backward needs no pad of its own
     xp = _materialized(_pad(jnp.maximum(x, 0) if relu else x, padding))
+    # the kernel too: a masked kernel's mask (|w| > t_w, a select) would otherwise be fused into
+    # the taps' loop and recomputed for every output element, which made a forward-only program's
+    # 5x5 taps 3x slower than the same taps in a forward that keeps the kernel as a residual
+    kernel = _materialized(kernel)
     return _taps_sum(xp, kernel, stride, dilation), (xp, kernel)
 
 
@@ -305,8 +309,51 @@ def avg_pool_3x3(x: jax.Array, stride: int = 1, impl: str = "auto") -> jax.Array
     (h_out, w_out), (h, w) = _pool_out(x, stride), x.shape[1:3]
     count = np.outer(_window_counts(h, h_out, stride), _window_counts(w, w_out, stride))
     taps = jnp.ones((3, 3, 1, x.shape[-1]), x.dtype)
-    return depthwise_conv(x, taps, stride=stride, padding=1, impl=impl) * jnp.asarray(
-        1.0 / count[None, :, :, None], x.dtype)
+    y = depthwise_conv(x, taps, stride=stride, padding=1, impl=impl) * jnp.asarray(1.0 / count[None, :, :, None], x.dtype)
+    # materialized: a backward that recomputes the forward (remat) reads the pool's output for its
+    # gate's gradient; left to fusion, XLA recomputed it there from nine materialized window slices
+    # (~6 of an edge's 59 ms; benchmarks/README.md, section 17)
+    return _materialized(y)
+
+
+def _subsample_pads(size: int, out: int, stride: int, offset: int) -> tuple:
+    # lax.pad's (low, high, interior) that takes an `out`-long axis back to the input's `size`
+    # positions offset, offset + stride, ...; a negative high pad drops the zero fill beyond the input
+    return offset, size - offset - ((out - 1) * stride + 1), stride - 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def subsample(x: jax.Array, stride: int, offset: int = 0) -> jax.Array:
+    """x[:, offset::stride, offset::stride, :] with ceil(size / stride) pixels per axis, zeros where
+    that reaches past the input (offset 1 on an odd size): what a strided 1x1 conv reads, and the
+    shifted half of a FactorizedReduce (the input shifted by one pixel and zero-padded).
+
+    Its gradient spreads the cotangent back by the stride into a buffer of its own. As autodiff
+    leaves it (the transpose of a strided slice: a pad with interior padding), XLA fused that pad
+    into the sum of an edge's input gradients, whose loop then tested every element for being
+    padding: a stride-2 edge's sum took 23 ms instead of ~8 (benchmarks/README.md, section 17).
+    """
+    return _subsample_fwd(x, stride, offset)[0]
+
+
+def _subsample_fwd(x, stride, offset):
+    pads = [(0, 0, 0)]
+    for size in x.shape[1:3]:
+        out = (size - 1) // stride + 1
+        low, high, _ = _subsample_pads(size, out, stride, offset)
+        pads.append((-low, -high, 0))     # the inverse pads crop (or zero-fill) to (out - 1) * stride + 1
+    full = jax.lax.pad(x, jnp.zeros((), x.dtype), pads + [(0, 0, 0)])
+    y = jax.lax.slice(full, (0, 0, 0, 0), full.shape, (1, stride, stride, 1))
+    return y, jnp.zeros((0,) + x.shape[1:], x.dtype)   # a zero-size array that carries x's shape
+
+
+def _subsample_bwd(stride, offset, like_x, g):
+    pads = [(0, 0, 0)] + [_subsample_pads(size, out, stride, offset)
+                          for size, out in zip(like_x.shape[1:3], g.shape[1:3])] + [(0, 0, 0)]
+    return (_materialized(jax.lax.pad(g, jnp.zeros((), g.dtype), pads)),)
+
+
+subsample.defvjp(_subsample_fwd, _subsample_bwd)
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

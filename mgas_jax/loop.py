@@ -14,6 +14,7 @@ On the CPU backend each step waits for the one before it (`one_step_at_a_time`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -35,6 +36,22 @@ def one_step_at_a_time() -> bool:
     Python's dispatch with the step before, on cores that both share.
     """
     return jax.default_backend() == "cpu"
+
+
+def settle_garbage() -> None:
+    """Collect Python's garbage once, then leave what survives out of later collections (`gc.freeze`).
+
+    Called after a step that compiled. Why: a chained search step (search.programs 'edge') makes
+    thousands of short-lived Python objects per step, which set off the collector, and about one
+    collection in three is a full one that walks every object JAX holds (traced programs, caches):
+    0.4 s of the Python thread's CPU at the 8-cell benchmark's size, on cores that the step's
+    kernels share (benchmarks/README.md section 17). Frozen, those objects are not walked again.
+    Unfreezing first lets this collection reclaim what an earlier freeze kept that has since become
+    garbage (the programs of a structure no longer searched).
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 @dataclasses.dataclass
@@ -75,7 +92,8 @@ def run_epoch(state, step: Callable, batches: Iterable, *, start: int, total: in
       on_check: fn(state, host metrics of the window) after each finite window; a dict it returns
         becomes the progress bar's postfix.
       on_compiled: fn(seconds) after the first step, which then waits for its result: the step
-        compiled in that time (with the first batch's loading).
+        compiled in that time (with the first batch's loading). Python's garbage is then settled
+        (`settle_garbage`).
       wait: wait for each step's state before the next step is dispatched (the next batch is loaded
         meanwhile); None: `one_step_at_a_time()`.
     Returns:
@@ -93,6 +111,7 @@ def run_epoch(state, step: Callable, batches: Iterable, *, start: int, total: in
             if on_compiled is not None and i == start:
                 jax.block_until_ready(metrics)
                 on_compiled(time.time() - t0)
+                settle_garbage()
             window.append(metrics)
             end = i + 1
             bar.update(1)

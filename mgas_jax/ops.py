@@ -131,7 +131,7 @@ class Conv(nn.Module):
             # strided convolution made FactorizedReduce slower than PyTorch's (benchmarks/README.md
             # section 9); this form took a retraining step from 11-13 s to 9.2-9.5 s (section 12).
             # The ReLU after the subsampling: it then saves only the pixels the conv reads.
-            x = x[:, ::self.stride, ::self.stride, :]
+            x = kernels.subsample(x, self.stride) if self.stride > 1 else x
             return kernels.pointwise_conv(kernels.relu(x) if self.relu else x, kernel)
         if self.relu:
             x = kernels.relu(x)
@@ -271,14 +271,16 @@ class FactorizedReduce(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool, threshold=None):
-        # pad the shifted input so both halves have the same size for odd and even inputs; the convs
-        # take the ReLU (of the pixels they read: relu(0) is the padding's 0)
-        shifted = jnp.pad(x[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
+        # the second half reads the input shifted by one pixel, zero-padded so that both halves have
+        # the same size for odd and even inputs; the convs take the ReLU (of the pixels they read:
+        # relu(0) is the padding's 0)
         parts = []
         if self.n1:
-            parts.append(Conv(self.n1, 1, stride=2, dtype=self.dtype, relu=True, name=names.FR_CONVS[0])(x))
+            parts.append(Conv(self.n1, 1, dtype=self.dtype, relu=True, name=names.FR_CONVS[0])(
+                kernels.subsample(x, 2)))
         if self.n2:
-            parts.append(Conv(self.n2, 1, stride=2, dtype=self.dtype, relu=True, name=names.FR_CONVS[1])(shifted))
+            parts.append(Conv(self.n2, 1, dtype=self.dtype, relu=True, name=names.FR_CONVS[1])(
+                kernels.subsample(x, 2, 1)))
         y = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         y = batch_norm(train, self.affine, name=names.BN)(y)
         if self.search and self.gated:

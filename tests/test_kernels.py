@@ -268,6 +268,107 @@ def test_strided_pointwise_conv_matches_lax(size):
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [6, 7])
+@pytest.mark.parametrize("stride,offset", [(2, 0), (2, 1), (3, 0), (3, 2)])
+def test_subsample_matches_slicing(size, stride, offset):
+    """kernels.subsample (its own backward, materialized) against plain slicing: x[:, o::s, o::s]
+    of the input shifted by `offset` and zero-padded, values and gradients, odd and even sizes."""
+    x = _random((2, size, size + 1, 3), 0)
+
+    def plain(x):
+        shifted = jnp.pad(x[:, offset:, offset:, :], ((0, 0), (0, offset), (0, offset), (0, 0)))
+        return shifted[:, ::stride, ::stride, :]
+
+    want = plain(x)
+    cotangent = _random(want.shape, 1)
+    got = kernels.subsample(x, stride, offset)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    np.testing.assert_array_equal(got, want)
+    grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * cotangent)))(x)
+    np.testing.assert_array_equal(grad(lambda x: kernels.subsample(x, stride, offset)), grad(plain))
+
+
+@pytest.mark.parametrize("size", [6, 7])
+def test_factorized_reduce_matches_the_plain_formula(size):
+    """ops.FactorizedReduce (halves from kernels.subsample) against its formula written with plain
+    slices and a pad, as it was: ReLU, a 1x1 conv on every second pixel and one on the input shifted
+    by one pixel, concatenated, BatchNorm. Values and gradients, odd and even sizes."""
+    from mgas_jax import ops
+    x = _random((2, size, size, 4), 0)
+    fr = ops.FactorizedReduce(3, 3, search=False, affine=True)
+    variables = fr.init(jax.random.key(0), x, True)
+    params = variables["params"]
+
+    def ours(x, params):
+        return fr.apply(dict(variables, params=params), x, True, mutable=["batch_stats"])[0]
+
+    def plain(x, params):
+        r = jax.nn.relu(x)
+        shifted = jnp.pad(r[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
+        halves = [jnp.einsum("nhwc,cd->nhwd", a[:, ::2, ::2, :], params[name]["kernel"][0, 0])
+                  for a, name in ((r, "conv1"), (shifted, "conv2"))]
+        y = jnp.concatenate(halves, -1)
+        mean, var = y.mean((0, 1, 2)), y.var((0, 1, 2))
+        return (y - mean) / jnp.sqrt(var + ops.BN_EPS) * params["bn"]["scale"] + params["bn"]["bias"]
+
+    want = plain(x, params)
+    cotangent = _random(want.shape, 1)
+    grads = lambda f: jax.jit(jax.grad(lambda x, p: jnp.sum(f(x, p) * cotangent), argnums=(0, 1)))(x, params)
+    chex.assert_trees_all_close(ours(x, params), want, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(grads(ours), grads(plain), atol=1e-4, rtol=1e-4)
+
+
+def test_strided_gradient_is_spread_into_its_own_buffer():
+    """The input gradient of a stride-2 edge, a sum of its ops' gradients (here FactorizedReduce and
+    a 3x3 max pool): no fusion both spreads a gradient by the stride (a pad with interior padding)
+    and adds. XLA had fused FactorizedReduce's spread into the sum, whose loop then tested every
+    element for padding (23 ms against ~8 for a stride-2 edge; benchmarks/README.md section 17)."""
+    import re
+    from mgas_jax import ops
+    x = _random((4, 16, 16, 8), 0)
+    fr = ops.FactorizedReduce(4, 4, search=False, affine=True)
+    variables = fr.init(jax.random.key(0), x, True)
+
+    def edge(x):
+        y = fr.apply(variables, x, True, mutable=["batch_stats"])[0]
+        return y + kernels.max_pool_3x3(x, 2, impl="shift_vjp")
+
+    cotangent = _random((4, 8, 8, 8), 1)
+    text = jax.jit(jax.grad(lambda x: jnp.sum(edge(x) * cotangent))).lower(x).compile().as_text()
+    computations = re.split(r"\n(?=%?\S+ \(|ENTRY)", text)
+
+    def spreads_by_a_stride(computation):   # a pad with interior padding: padding=lo_hi_interior x ...
+        return any(any(dim.count("_") == 2 and dim.split("_")[2] != "0" for dim in padding.split("x"))
+                   for padding in re.findall(r" pad\(.*padding=([\d_x-]+)", computation))
+
+    spreads = [c for c in computations if not c.startswith("ENTRY") and spreads_by_a_stride(c)]
+    assert spreads, "no fusion spreads a gradient"
+    assert all(" add(" not in c for c in spreads)
+
+
+def test_masked_kernel_is_not_recomputed_per_pixel():
+    """A weight-masked kernel (kernel * (|kernel| > t), as ops.Conv masks it) feeding the 'shift_vjp'
+    depthwise conv in a forward-only program: the mask is computed once, not inside the loop over
+    the output's pixels, where XLA had fused it (a 5x5 conv 3x slower; benchmarks/README.md
+    section 17). Checked on the compiled program: the fusion that reads the input's windows holds
+    no abs."""
+    import re
+    x = _random((2, 12, 12, 8), 0)
+    kernel = _random((5, 5, 1, 8), 1)
+
+    def forward(x, kernel, t):
+        masked = kernel * (jnp.abs(kernel) - t > 0)
+        return kernels.depthwise_conv(x, masked, impl="shift_vjp")
+
+    text = jax.jit(forward).lower(x, kernel, jnp.float32(0.1)).compile().as_text()
+    computations = re.split(r"\n(?=%?\S+ \(|ENTRY)", text)
+    taps = [c for c in computations if c.count(" slice(") >= 25]   # reads the 25 windows
+    assert taps, "no fusion reads the 25 windows"
+    assert all(" abs(" not in c for c in taps)
+    np.testing.assert_allclose(jax.jit(forward)(x, kernel, 0.1),
+                               _plain_depthwise(x, kernel * (jnp.abs(kernel) > 0.1), 1, 1, 2), rtol=1e-5, atol=1e-5)
+
+
 def _with_zeros(x):
     """x with a quarter of its entries exactly 0: where a ReLU's derivative convention shows."""
     return jnp.where(jnp.arange(x.size).reshape(x.shape) % 4 == 0, 0.0, x).astype(x.dtype)

@@ -118,3 +118,26 @@ def test_on_the_cpu_each_step_waits_for_the_one_before():
     assert loop.one_step_at_a_time() == (jax.default_backend() == "cpu")
     assert all(_slow_steps(wait=None if jax.default_backend() == "cpu" else True))
     assert not all(_slow_steps(wait=False))
+
+
+def test_a_step_that_compiled_settles_the_garbage_collector(monkeypatch):
+    """After a first step that compiled (on_compiled given), the loop collects Python's garbage once
+    and freezes what survives (gc.freeze): a later full collection no longer walks JAX's traced
+    programs and caches. Without on_compiled (nothing compiled) it does not."""
+    import gc
+    settled = []
+    monkeypatch.setattr(loop, "settle_garbage", lambda: settled.append(True))
+    _run(total=3, compiled=[])
+    assert settled == [True]
+    _run(total=3)
+    assert settled == [True]
+    monkeypatch.undo()
+    try:
+        garbage = [[]]
+        garbage[0].append(garbage)   # a reference cycle: only a collection frees it
+        del garbage
+        loop.settle_garbage()
+        assert gc.get_freeze_count() > 0
+        assert not any(isinstance(o, list) and o and o[0] is o for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
