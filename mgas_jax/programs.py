@@ -20,7 +20,7 @@ Two granularities:
   cells of fourteen edges each.
 
 With `remat` a forward keeps only its inputs (references to arrays that exist anyway) and the backward
-runs the forward again, with its residuals, before the backward program; without, the forward returns
+program runs the forward again, with its residuals, then the backward; without, the forward returns
 its VJP residuals.
 """
 from __future__ import annotations
