@@ -9,6 +9,7 @@ case is one jit-compiled function.
 """
 import functools
 import itertools
+import re
 
 import chex
 import flax.linen as nn
@@ -318,12 +319,17 @@ def test_factorized_reduce_matches_the_plain_formula(size):
     chex.assert_trees_all_close(grads(ours), grads(plain), atol=1e-4, rtol=1e-4)
 
 
+def _compiled_computations(fn, *args) -> list:
+    """The computations (fusions, the entry) of fn's compiled program for args, as HLO text each."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return re.split(r"\n(?=%?\S+ \(|ENTRY)", text)
+
+
 def test_strided_gradient_is_spread_into_its_own_buffer():
     """The input gradient of a stride-2 edge, a sum of its ops' gradients (here FactorizedReduce and
     a 3x3 max pool): no fusion both spreads a gradient by the stride (a pad with interior padding)
     and adds. XLA had fused FactorizedReduce's spread into the sum, whose loop then tested every
     element for padding (23 ms against ~8 for a stride-2 edge; benchmarks/README.md section 17)."""
-    import re
     from mgas_jax import ops
     x = _random((4, 16, 16, 8), 0)
     fr = ops.FactorizedReduce(4, 4, search=False, affine=True)
@@ -334,8 +340,7 @@ def test_strided_gradient_is_spread_into_its_own_buffer():
         return y + kernels.max_pool_3x3(x, 2, impl="shift_vjp")
 
     cotangent = _random((4, 8, 8, 8), 1)
-    text = jax.jit(jax.grad(lambda x: jnp.sum(edge(x) * cotangent))).lower(x).compile().as_text()
-    computations = re.split(r"\n(?=%?\S+ \(|ENTRY)", text)
+    computations = _compiled_computations(jax.grad(lambda x: jnp.sum(edge(x) * cotangent)), x)
 
     def spreads_by_a_stride(computation):   # a pad with interior padding: padding=lo_hi_interior x ...
         return any(any(dim.count("_") == 2 and dim.split("_")[2] != "0" for dim in padding.split("x"))
@@ -352,7 +357,6 @@ def test_masked_kernel_is_not_recomputed_per_pixel():
     the output's pixels, where XLA had fused it (a 5x5 conv 3x slower; benchmarks/README.md
     section 17). Checked on the compiled program: the fusion that reads the input's windows holds
     no abs."""
-    import re
     x = _random((2, 12, 12, 8), 0)
     kernel = _random((5, 5, 1, 8), 1)
 
@@ -360,8 +364,7 @@ def test_masked_kernel_is_not_recomputed_per_pixel():
         masked = kernel * (jnp.abs(kernel) - t > 0)
         return kernels.depthwise_conv(x, masked, impl="shift_vjp")
 
-    text = jax.jit(forward).lower(x, kernel, jnp.float32(0.1)).compile().as_text()
-    computations = re.split(r"\n(?=%?\S+ \(|ENTRY)", text)
+    computations = _compiled_computations(forward, x, kernel, jnp.float32(0.1))
     taps = [c for c in computations if c.count(" slice(") >= 25]   # reads the 25 windows
     assert taps, "no fusion reads the 25 windows"
     assert all(" abs(" not in c for c in taps)
