@@ -75,16 +75,20 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(flat_values(tree))))
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """optax.clip_by_global_norm with the norm taken in one reduction (`global_norm`).
 
     The same rule and (empty) state as optax's, whose norm is one reduction per leaf (slow to compile
     for the thousands of leaves of a super-net; see `flat_values`).
+
+    update(updates, state, params, *, group_norm=None): `group_norm`, when given, is the norm to clip
+    by instead of that of `updates`: the chained search step updates the network part by part and
+    passes the norm of the whole group (search_step.PartwiseOptimizer).
     """
-    def update(updates, state, params=None):
-        del params
-        norm = global_norm(updates)
+    def update(updates, state, params=None, *, group_norm=None, **extra_args):
+        del params, extra_args
+        norm = global_norm(updates) if group_norm is None else group_norm
         keep = norm < max_norm
         return jax.tree.map(lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)

@@ -82,17 +82,23 @@ class GroupScales(NamedTuple):
 def scaled_by_group(inner: optax.GradientTransformation, group: str) -> optax.GradientTransformationExtraArgs:
     """`inner`, with its updates multiplied by the group's factor, given at update time.
 
-    update(updates, state, params, *, scales) -> (inner's updates x scales.<group>, inner's new state
-    where that factor is > 0, else `state` as it was). `scales` is a GroupScales (any object with an
-    attribute per group); the state is inner's own, so the optimizer state keeps its structure.
+    update(updates, state, params, *, scales, group_norms=None) -> (inner's updates x scales.<group>,
+    inner's new state where that factor is > 0, else `state` as it was). `scales` is a GroupScales (any
+    object with an attribute per group); the state is inner's own, so the optimizer state keeps its
+    structure. `group_norms` ({group: the L2 norm of the group's whole gradient}, given when `updates`
+    is only a part of the tree: `update_by_parts`) reaches inner as `group_norm=group_norms[group]`
+    (losses.clip_by_global_norm clips by it).
 
     Why not `optax.masked(optax.set_to_zero(), mask)`: its mask is static, and the search switches
     groups on and off between steps of one compiled program, so the factor is a traced scalar.
     """
-    def update(updates, state, params=None, *, scales, **extra_args):
+    inner = optax.with_extra_args_support(inner)
+
+    def update(updates, state, params=None, *, scales, group_norms=None, **extra_args):
         del extra_args
         scale = getattr(scales, group)
-        new_updates, new_state = inner.update(updates, state, params)
+        norm = {} if group_norms is None else {"group_norm": group_norms[group]}
+        new_updates, new_state = inner.update(updates, state, params, **norm)
         new_updates = jax.tree.map(lambda u: u * scale, new_updates)
         new_state = jax.tree.map(lambda new, old: jnp.where(scale > 0, new, old), new_state, state)
         return new_updates, new_state
@@ -100,7 +106,19 @@ def scaled_by_group(inner: optax.GradientTransformation, group: str) -> optax.Gr
     return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
-def make_optimizer(cfg) -> optax.GradientTransformationExtraArgs:
+class PartwiseOptimizer(optax.GradientTransformationExtraArgs):
+    """An optimizer (param_labels' groups, `scaled_by_group`) that acts leaf by leaf, except for norms
+    over a whole group, which it takes from the `group_norms` extra argument when given.
+
+    Such an optimizer gives the same update on any part of the trainable tree (with that part of its
+    state) as on the whole, so the chained step may run it as one small program per part
+    (`update_by_parts`). Any other optimizer (say optax's own clip_by_global_norm, which would clip a
+    part by the part's norm) is run over the whole tree in one program.
+    """
+    __slots__ = ()
+
+
+def make_optimizer(cfg) -> PartwiseOptimizer:
     """SGD with momentum for every group; clip and weight decay in the weights' chain only.
 
     update(grads, state, params, scales=GroupScales(...)): each group's update times its factor.
@@ -114,7 +132,7 @@ def make_optimizer(cfg) -> optax.GradientTransformationExtraArgs:
         "threshold": sgd(cfg.threshold_lr),
         "weight_threshold": sgd(cfg.weight_threshold_lr),
     }
-    return optax.partition({g: scaled_by_group(tx, g) for g, tx in groups.items()}, param_labels)
+    return PartwiseOptimizer(*optax.partition({g: scaled_by_group(tx, g) for g, tx in groups.items()}, param_labels))
 
 
 def arch_momentum(opt_state, spec: supernet.SuperNetSpec) -> list:
@@ -188,6 +206,115 @@ def _apply_grads(tx, state: SearchState, grads, batch_stats, metrics: dict,
     return new, metrics
 
 
+# -- the update part by part (the chained step) --------------------------------------------------
+
+def update_parts(trainable: dict) -> tuple:
+    """The parts of a super-net's trainable tree {'params', 'arch'} for `update_by_parts`.
+
+    Per cell: each edge (its ops' variables), each preprocess layer, and the cell's own arch leaves
+    (alpha and the thresholds); outside the cells, each top-level module (stem, head). A part is a
+    tuple of entries (root, path, key): `trainable[root][path]` is `part[root][key]`, keyed by op kind
+    ('sep_conv_3x3'), 'pre' or the leaf's name, not by position, so that every part of the same kind
+    and shapes is the same tree and runs one compiled program, in any cell and any structure.
+    """
+    parts: dict = {}
+    for root, tree in trainable.items():
+        for top, sub in tree.items():
+            if names.cell_index(top) is None or not isinstance(sub, dict):
+                parts.setdefault((top,), []).append((root, (top,), top))
+                continue
+            for k in sub:
+                op = names.parse_op_name(k)
+                part, key = (((top, op[0], op[1]), op[2]) if op else ((top, k), "pre") if k in names.PRE
+                             else ((top, "own"), k))
+                parts.setdefault(part, []).append((root, (top, k), key))
+    return tuple(tuple(entries) for entries in parts.values())
+
+
+def take_part(tree: dict, part: tuple) -> dict:
+    """The part of a trainable-shaped tree (params, gradients, an optimizer state's trace)."""
+    out: dict = {}
+    for root, path, key in part:
+        out.setdefault(root, {})[key] = names.get_path(tree[root], path)
+    return out
+
+
+def join_parts(like: dict, trees, plan: tuple) -> dict:
+    """The trainable-shaped tree of `like`'s structure whose parts (`update_parts`) are `trees`."""
+    out = {root: {top: dict(sub) if isinstance(sub, dict) else sub for top, sub in tree.items()}
+           for root, tree in like.items()}
+    for tree, part in zip(trees, plan):
+        for root, path, key in part:
+            node = out[root]
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = tree[root][key]
+    return out
+
+
+def _is_trainable(x) -> bool:
+    return isinstance(x, dict) and bool(x) and set(x) <= {"params", "arch"}
+
+
+def _state_part(opt_state, part: tuple):
+    """The part of an optimizer state: `take_part` of every trainable-shaped tree in it (the traces)."""
+    return jax.tree.map(lambda t: take_part(t, part), opt_state, is_leaf=_is_trainable)
+
+
+@functools.lru_cache(maxsize=8)
+def _part_programs(tx: PartwiseOptimizer) -> tuple:
+    """`update_by_parts`' programs: a part's sums of squares, a part's update (each shared by every part,
+    cell and structure of the same tree and shapes), and the groups' norms from the parts' sums."""
+    groups = GroupScales._fields
+
+    @jax.jit
+    def part_norms(grads):
+        # () per group: the sum of the squares of the part's gradient in that group; () bool: all finite
+        labels = jax.tree.leaves(param_labels(grads))
+        sums = [sum((jnp.sum(jnp.square(g.astype(jnp.float32)))
+                     for g, label in zip(jax.tree.leaves(grads), labels) if label == group), jnp.float32(0.0))
+                for group in groups]
+        return jnp.stack(sums), losses.all_finite(grads)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    def part_update(trainable, grads, opt_state, scales, group_norms):
+        updates, opt_state = tx.update(grads, opt_state, trainable, scales=scales, group_norms=group_norms)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    @jax.jit
+    def group_norms(sums, finite, loss):
+        norms = jnp.sqrt(jnp.sum(jnp.stack(sums), axis=0))
+        return dict(zip(groups, norms)), (jnp.all(jnp.stack(finite)) & jnp.isfinite(loss)).astype(jnp.float32)
+
+    return part_norms, part_update, group_norms
+
+
+def update_by_parts(tx: PartwiseOptimizer, plan: tuple, trainable: dict, grads: dict, opt_state,
+                    scales: GroupScales, loss) -> tuple[dict, Any, jax.Array]:
+    """`tx`'s update of `trainable`, run as small programs per part (`update_parts`):
+    -> (new trainable, new optimizer state, finite flag: the gradients and the loss are finite).
+
+    First each part's sums of squares per group (and whether it is finite), then each part's update
+    with the norms of the whole groups (`PartwiseOptimizer`): the same values as `tx.update` on the
+    whole tree, up to float reassociation in the norms.
+
+    Why: XLA's CPU backend keeps about 1.5 GB of host memory for the compiled update of an 8-cell
+    super-net's ~3,500 trainable leaves in one program, and compiles it in 40-55 s for every
+    structure (benchmarks/README.md sections 17 and 18). Parts of the same kind (an edge's ops at one width)
+    share a program, so a super-net compiles a few dozen small ones, once for all its structures.
+    """
+    part_norms, part_update, group_norms = _part_programs(tx)
+    g_parts = [take_part(grads, part) for part in plan]
+    sums, finite = zip(*(part_norms(g) for g in g_parts))
+    norms, finite = group_norms(list(sums), list(finite), loss)
+    new = [part_update(take_part(trainable, part), g, _state_part(opt_state, part), scales, norms)
+           for part, g in zip(plan, g_parts)]
+    new_trainable = join_parts(trainable, [t for t, _ in new], plan)
+    new_opt = jax.tree.map(lambda like, *trees: join_parts(like, trees, plan), opt_state, *(o for _, o in new),
+                           is_leaf=_is_trainable)
+    return new_trainable, new_opt, finite
+
+
 def resolve_programs(programs: str, backend: Optional[str] = None) -> str:
     """The step form that `programs` names on `backend` (default: JAX's default backend).
 
@@ -251,7 +378,9 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
     """`make_step` as a chain of small programs: stem, each cell forward (keeping its residuals), head
     and loss, each cell backward, stem backward, then the update. Same arguments, same results (up to
     float reassociation) as the one-program step. `programs`: 'cell' runs each cell as one forward and
-    one backward program, 'edge' as programs per part (`programs.edge_programs`).
+    one backward program, 'edge' as programs per part (`programs.edge_programs`). The update runs as
+    programs per part too (`update_by_parts`) when `tx` is a PartwiseOptimizer (make_optimizer's), in
+    one program over the whole tree otherwise.
 
     Why: the whole super-net step is one huge XLA program, whose compile time grows faster than its
     size and which any change of structure recompiles whole. Chained programs are keyed by their own
@@ -293,7 +422,7 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         return value, jnp.mean(jnp.argmax(logits, -1) == labels), stats, grads
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def update(state, grads, batch_stats, ce, accuracy, lam, scales):
+    def whole_update(state, grads, batch_stats, ce, accuracy, lam, scales):
         # the penalty's gradient (the cells' backward programs gave the cross-entropy's)
         def penalty(arch):
             r_op, r_thr = regularizers(arch, state.masks, spec)
@@ -302,6 +431,36 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         grads = dict(grads, arch=jax.tree.map(jnp.add, grads["arch"], reg_grads))
         metrics = _loss_metrics(ce, r_op, r_thr, lam, accuracy)
         return _apply_grads(tx, state, grads, batch_stats, metrics, scales)
+
+    @jax.jit
+    def penalty(own, g_own, ops_masks, ce, accuracy, lam):
+        # the penalty reads only the cells' own arch leaves (alpha, thresholds) and op masks: its
+        # gradient added to theirs, and the step's metrics
+        def value(arch):
+            r_op, r_thr = regularizers(arch, ops_masks, spec)
+            return lam * (r_op + r_thr), (r_op, r_thr)
+        (_, (r_op, r_thr)), reg_grads = jax.value_and_grad(value, has_aux=True)(own)
+        return _loss_metrics(ce, r_op, r_thr, lam, accuracy), jax.tree.map(jnp.add, g_own, reg_grads)
+
+    plan = None   # update_parts of this structure's trainable tree, made at its first step
+
+    def update_in_parts(state, grads, batch_stats, ce, accuracy, lam, scales):
+        nonlocal plan
+        own = {c: {k: v for k, v in state.arch[c].items() if not isinstance(v, dict)} for c in cell_names}
+        ops_masks = {c: {names.OPS_MASK: state.masks[c][names.OPS_MASK]} for c in cell_names}
+        metrics, g_own = penalty(own, {c: _pick(grads["arch"][c], own[c]) for c in cell_names}, ops_masks,
+                                 ce, accuracy, lam)
+        g_arch = {c: dict(grads["arch"][c], **g_own[c]) for c in cell_names}
+        trainable = {"params": state.params, "arch": state.arch}
+        if plan is None:
+            plan = update_parts(trainable)
+        trainable, opt_state, finite = update_by_parts(tx, plan, trainable, dict(grads, arch=g_arch),
+                                                       state.opt_state, scales, metrics["loss"])
+        new = state.replace(step=state.step + 1, params=trainable["params"], arch=trainable["arch"],
+                            batch_stats=batch_stats, opt_state=opt_state)
+        return new, dict(metrics, finite=finite)
+
+    update = update_in_parts if isinstance(tx, PartwiseOptimizer) else whole_update
 
     def step(state: SearchState, batch, key, lam, scales: GroupScales):
         params, bs = state.params, state.batch_stats

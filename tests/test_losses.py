@@ -172,6 +172,20 @@ def test_clip_by_global_norm_is_optaxs(scale):
     assert norm <= 1.0 + 1e-5 if scale > 1 else norm < 1.0
 
 
+def test_clip_by_global_norm_clips_by_a_given_group_norm():
+    """Given `group_norm` (the norm of the whole group, when `updates` is a part of it), the clip
+    scales by that norm, not by the part's own: the part of optax's clip of the whole tree."""
+    import optax
+    whole = jax.tree.map(lambda x: x.astype(jnp.float32), _tree(10.0))
+    part = {"a": whole["a"]}
+    want, _ = optax.clip_by_global_norm(1.0).update(whole, optax.EmptyState())
+    ours = losses.clip_by_global_norm(1.0)
+    got, _ = jax.jit(ours.update)(part, ours.init(part), group_norm=losses.global_norm(whole))
+    chex.assert_trees_all_close(got, {"a": want["a"]}, rtol=1e-6, atol=1e-8)
+    alone, _ = ours.update(part, ours.init(part))
+    assert not np.allclose(np.asarray(alone["a"]), np.asarray(got["a"]))   # the part's own norm clips less
+
+
 def test_search_r_op_counts_live_ops_of_the_penalised_cells_only():
     """search_step.regularizers: R_op over spec.penalised cells, an op counting when its live
     (protected) mask is on, n_j the node's live count, S_j over every committed op into the node;

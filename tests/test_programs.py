@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from mgas_jax import programs, search_step, supernet
@@ -31,8 +32,8 @@ def _state(tx, v):
                                    batch_stats=v["batch_stats"], masks=v["masks"], opt_state=tx.init(trainable))
 
 
-def _run_steps(spec, v, programs, scale_rows):
-    tx = search_step.make_optimizer(_cfg())
+def _run_steps(spec, v, programs, scale_rows, tx=None):
+    tx = search_step.make_optimizer(_cfg()) if tx is None else tx
     data_cfg = ml_collections.ConfigDict(dict(crop_padding=1, flip=True, cutout=0, autoaugment=False))
     step = search_step.make_step(spec, tx, data_cfg, jnp.full(3, 100.0), jnp.full(3, 60.0), programs=programs)
     state, rng, out = _state(tx, v), np.random.default_rng(0), []
@@ -81,14 +82,16 @@ def test_chained_programs_give_the_one_program_step(remat, head):
 @pytest.mark.slow
 def test_chained_programs_handle_a_cell_input_that_nothing_reads():
     """After pruning, no op of a cell may read one of its inputs: that preprocess layer gets a zero
-    gradient in the chained forms, as in the one program."""
+    gradient in the chained forms, as in the one program; with the update by parts and without."""
     cells = supernet.full_cells(C, 2, STEPS)
     unread = dataclasses.replace(cells[1], ops=tuple(o for o in cells[1].ops if o.src != 0))
     spec = supernet.SuperNetSpec((cells[0], unread), num_classes=10, stem_channels=3 * C, impl="lax")
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
     one, one_metrics = _run_steps(spec, v, "step", [ALL] * 2)
-    for programs in ("cell", "edge"):
-        chain, chain_metrics = _run_steps(spec, v, programs, [ALL] * 2)
+    # an optimizer not known to act leaf by leaf: the chain updates the whole tree in one program
+    whole = optax.GradientTransformationExtraArgs(*search_step.make_optimizer(_cfg()))
+    for programs, tx in (("cell", None), ("edge", None), ("edge", whole)):
+        chain, chain_metrics = _run_steps(spec, v, programs, [ALL] * 2, tx)
         np.testing.assert_allclose(chain_metrics[-1]["loss"], one_metrics[-1]["loss"], rtol=2e-5)
         _assert_close(chain.params, one.params, 1e-4)
         _assert_close(chain.arch, one.arch, 1e-4)
@@ -128,7 +131,8 @@ def test_per_cell_programs_compile_an_unchanged_cell_once(caplog):
 def test_per_edge_programs_compile_each_distinct_edge_once(caplog):
     """Edges that compute the same thing on the same shapes run one program: a whole normal cell (all
     its edges carry all 7 ops) compiles one edge program and one preprocess program (both cell inputs
-    are the stem's output). After one edge loses an op, only that edge compiles."""
+    are the stem's output), and one update program per kind of part. After one edge loses an op, only
+    that edge compiles."""
     # a width no other test uses: programs compiled (or cached on disk) by other tests would not log
     cell = supernet.full_cell(C + 1, reduction=False, steps=STEPS)
     spec = supernet.SuperNetSpec((cell,), num_classes=10, stem_channels=3 * (C + 1), impl="lax")
@@ -137,11 +141,14 @@ def test_per_edge_programs_compile_each_distinct_edge_once(caplog):
     spec2 = dataclasses.replace(spec, cells=(pruned,))
     v = supernet.init_variables(spec, jax.random.key(0, impl="rbg"), (8, 8, 3))
     v2 = supernet.init_variables(spec2, jax.random.key(0, impl="rbg"), (8, 8, 3))
-    first = _compiled_programs(caplog, lambda: _run_steps(spec, v, "edge", [ALL] * 2))
-    parts = ("edge_forward", "edge_backward", "preprocess_forward", "preprocess_backward")
-    assert [first.count(p) for p in parts] == [1, 1, 1, 1], first
-    second = _compiled_programs(caplog, lambda: _run_steps(spec2, v2, "edge", [ALL]))
-    assert [second.count(p) for p in parts] == [1, 1, 0, 0], second   # the pruned edge only
+    tx = search_step.make_optimizer(_cfg())   # a search's one optimizer: its update programs are shared too
+    first = _compiled_programs(caplog, lambda: _run_steps(spec, v, "edge", [ALL] * 2, tx))
+    parts = ("edge_forward", "edge_backward", "preprocess_forward", "preprocess_backward", "part_update")
+    # updates: one program per kind of part (stem, stem_bn, edge, preprocess, the cell's arch, head)
+    assert [first.count(p) for p in parts] == [1, 1, 1, 1, 6], first
+    assert "whole_update" not in first
+    second = _compiled_programs(caplog, lambda: _run_steps(spec2, v2, "edge", [ALL], tx))
+    assert [second.count(p) for p in parts] == [1, 1, 0, 0, 1], second   # the pruned edge only
 
 
 def test_unknown_step_programs_are_refused():
