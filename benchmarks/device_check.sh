@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/device_check.sh            # writes $OUT/device_check.json (OUT defaults to /tmp)
 #   SMALL=1 bash benchmarks/device_check.sh    # tiny sizes: checks the script itself, on a CPU too
+#                                              # (limits x LIMIT_SCALE, 6 by default with SMALL: a CPU
+#                                              # compiles and inits the super-net far slower than a GPU)
 #
 # - the retraining step (benchmarks/bench_train_step.py) at the authors' retraining size: DARTS_V2,
 #   C 36, 20 cells, batch 96, 32x32, against ../shared/bench/torch_darts_network.py, and the
@@ -24,15 +26,17 @@ mkdir -p "$OUT/device_check"
 LOG="$OUT/device_check"
 
 if [[ "${SMALL:-0}" == 1 ]]; then
+  LIMIT_SCALE=${LIMIT_SCALE:-6}
   TRAIN="--batch 8 --channels 8 --layers 5 --steps 2"
   SEARCH="--batch 4 --channels 4 --layers 3 --image 16 --steps 2"
 else
+  LIMIT_SCALE=${LIMIT_SCALE:-1}
   TRAIN="--batch 96 --channels 36 --layers 20 --steps 5"
   SEARCH="--batch 96 --channels 24 --layers 8 --steps 5"
 fi
 
 run() {  # run NAME SECONDS COMMAND...: output to $LOG/NAME.txt, exit code to $LOG/NAME.rc
-  local name=$1 limit=$2
+  local name=$1 limit=$(($2 * LIMIT_SCALE))
   shift 2
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
