@@ -1,5 +1,6 @@
 """The search step's optimizer: per-group update factors as an optax transformation (freezing with a
-traced factor, inside one compiled program), and the alpha momentum read through optax.tree_utils."""
+traced factor, inside one compiled program), the alpha momentum read through optax.tree_utils, and
+the chained step's update by parts (the same update as on the whole tree, one program per kind of part)."""
 import chex
 import jax
 import jax.numpy as jnp
