@@ -270,9 +270,8 @@ def _part_programs(tx: PartwiseOptimizer) -> tuple:
     @jax.jit
     def part_norms(grads):
         # () per group: the sum of the squares of the part's gradient in that group; () bool: all finite
-        labels = jax.tree.leaves(param_labels(grads))
-        sums = [sum((jnp.sum(jnp.square(g.astype(jnp.float32)))
-                     for g, label in zip(jax.tree.leaves(grads), labels) if label == group), jnp.float32(0.0))
+        leaves, labels = jax.tree.leaves(grads), jax.tree.leaves(param_labels(grads))
+        sums = [jnp.sum(jnp.square(losses.flat_values([g for g, label in zip(leaves, labels) if label == group])))
                 for group in groups]
         return jnp.stack(sums), losses.all_finite(grads)
 
@@ -421,26 +420,23 @@ def make_cell_step(spec: supernet.SuperNetSpec, tx: optax.GradientTransformation
         (value, (logits, stats)), grads = jax.value_and_grad(ce, argnums=(0, 1), has_aux=True)(params, x)
         return value, jnp.mean(jnp.argmax(logits, -1) == labels), stats, grads
 
+    def add_penalty(arch, g_arch, masks, ce, accuracy, lam):
+        # the penalty's gradient added to the arch gradient (the cells' backward programs gave the
+        # cross-entropy's) -> (the step's metrics, the arch gradient)
+        def value(a):
+            r_op, r_thr = regularizers(a, masks, spec)
+            return lam * (r_op + r_thr), (r_op, r_thr)
+        (_, (r_op, r_thr)), reg_grads = jax.value_and_grad(value, has_aux=True)(arch)
+        return _loss_metrics(ce, r_op, r_thr, lam, accuracy), jax.tree.map(jnp.add, g_arch, reg_grads)
+
     @functools.partial(jax.jit, donate_argnums=0)
     def whole_update(state, grads, batch_stats, ce, accuracy, lam, scales):
-        # the penalty's gradient (the cells' backward programs gave the cross-entropy's)
-        def penalty(arch):
-            r_op, r_thr = regularizers(arch, state.masks, spec)
-            return lam * (r_op + r_thr), (r_op, r_thr)
-        (_, (r_op, r_thr)), reg_grads = jax.value_and_grad(penalty, has_aux=True)(state.arch)
-        grads = dict(grads, arch=jax.tree.map(jnp.add, grads["arch"], reg_grads))
-        metrics = _loss_metrics(ce, r_op, r_thr, lam, accuracy)
-        return _apply_grads(tx, state, grads, batch_stats, metrics, scales)
+        metrics, g_arch = add_penalty(state.arch, grads["arch"], state.masks, ce, accuracy, lam)
+        return _apply_grads(tx, state, dict(grads, arch=g_arch), batch_stats, metrics, scales)
 
-    @jax.jit
-    def penalty(own, g_own, ops_masks, ce, accuracy, lam):
-        # the penalty reads only the cells' own arch leaves (alpha, thresholds) and op masks: its
-        # gradient added to theirs, and the step's metrics
-        def value(arch):
-            r_op, r_thr = regularizers(arch, ops_masks, spec)
-            return lam * (r_op + r_thr), (r_op, r_thr)
-        (_, (r_op, r_thr)), reg_grads = jax.value_and_grad(value, has_aux=True)(own)
-        return _loss_metrics(ce, r_op, r_thr, lam, accuracy), jax.tree.map(jnp.add, g_own, reg_grads)
+    # by parts, the penalty is a program of its own over the cells' own arch leaves (alpha,
+    # thresholds) and op masks: all that R_op and R_thr read
+    penalty = jax.jit(add_penalty)
 
     plan = None   # update_parts of this structure's trainable tree, made at its first step
 
